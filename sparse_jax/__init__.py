@@ -1,0 +1,1 @@
+"""sparse_jax: sparse and Bayesian training for JAX/Flax."""

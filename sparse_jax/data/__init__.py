@@ -1,0 +1,56 @@
+"""Datasets and batching. Nothing is downloaded, ever.
+
+``load_dataset(config.data)`` dispatches on ``name``: "digits" (sklearn's bundled
+digits, the default), "mnist" / "cifar10" (local files in ``data_dir``), "teacher"
+(synthetic teacher-student task).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from sparse_jax.data.batching import BatchSchedule, iterate_batches
+from sparse_jax.data.cifar import load_cifar10, read_cifar_batch
+from sparse_jax.data.dataset import Dataset, make_dataset
+from sparse_jax.data.digits import load_digits
+from sparse_jax.data.mnist import load_mnist, read_idx
+from sparse_jax.data.teacher import make_teacher_task
+
+DATASETS = ("digits", "mnist", "cifar10", "teacher")
+
+
+_LOADERS = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10,
+            "teacher": make_teacher_task}
+
+
+def load_dataset(spec: Mapping[str, Any]) -> Dataset:
+  """Loads the dataset described by a config block (``config.data``).
+
+  Args:
+    spec: mapping with ``name`` and the keyword arguments of that dataset's loader:
+      digits: ``num_train``, ``split_seed`` (:func:`load_digits`); mnist / cifar10:
+      ``data_dir``; teacher: those of :func:`make_teacher_task`.
+
+  Returns:
+    A :class:`Dataset`.
+  """
+  spec = dict(spec)
+  name = spec.pop("name", None)
+  if name not in _LOADERS:
+    raise ValueError(f"config.data.name={name!r} is not a dataset; choose one of "
+                     f"{list(DATASETS)}")
+  loader = _LOADERS[name]
+  known = set(inspect.signature(loader).parameters)
+  unknown = sorted(set(spec) - known)
+  if unknown:
+    raise ValueError(f"config.data has keys {unknown} that dataset {name!r} does not "
+                     f"take; it takes {sorted(known)}")
+  if "teacher_hidden" in spec:
+    spec["teacher_hidden"] = tuple(spec["teacher_hidden"])
+  return loader(**spec)
+
+
+__all__ = ["BatchSchedule", "DATASETS", "Dataset", "iterate_batches", "load_cifar10",
+           "load_dataset", "load_digits", "load_mnist", "make_dataset",
+           "make_teacher_task", "read_cifar_batch", "read_idx"]
