@@ -12,7 +12,6 @@ from sparse_jax.training.config import apply_variants, base_config, smoke as _sm
 def smoke(c):
   _smoke(c)
   c.model.blocks_per_stage = 1
-  c.train.batch_size = 16
 
 
 def get_config(arg=None):

@@ -36,6 +36,7 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.train.eval_every = 10
   c.train.checkpoint_every = 10
   c.train.progress_every_secs = 0.0
+  c.train.batch_size = min(c.train.batch_size, 32)
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None,

@@ -1,0 +1,58 @@
+"""Smoke launches of every config through experiments/main.py, and config locking."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from _launch import ROOT, launch
+from test_data import _write_cifar, _write_idx
+
+CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith("_"))
+
+
+def _data_overrides(config, tmp_path):
+  import numpy as np
+  if "mnist" in config:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 16)):
+      _write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), False)
+      _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n), False)
+    return [f"--config.data.data_dir={tmp_path}"]
+  if "cifar" in config:
+    _write_cifar(tmp_path / "cifar-10-batches-py", n_per_batch=16)
+    return [f"--config.data.data_dir={tmp_path}"]
+  return []
+
+
+def test_every_config_has_a_launch_docstring():
+  assert CONFIGS
+  for config in CONFIGS:
+    text = open(os.path.join(ROOT, config)).read()
+    assert "experiments/main.py --config=" + config in text.replace("\\\n        ", ""), config
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_smoke_launch(config, tmp_path):
+  workdir = tmp_path / "wd"
+  proc = launch(f"{config}:smoke", str(workdir), *_data_overrides(config, tmp_path))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["status"] == "completed"
+  assert results["step"] == results["num_steps"] > 0
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+
+
+def test_mistyped_config_key_fails_naming_it(tmp_path):
+  proc = launch("configs/mlp_digits.py:smoke", str(tmp_path),
+                "--config.optimizer.learing_rate=0.1")
+  assert proc.returncode != 0
+  assert "learing_rate" in proc.stderr and "learning_rate" in proc.stderr
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_variant_fails(tmp_path):
+  proc = launch("configs/mlp_digits.py:smokee", str(tmp_path))
+  assert proc.returncode != 0 and "smokee" in proc.stderr

@@ -1,0 +1,76 @@
+"""The optax chain built from a declarative spec."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sparse_jax.training.optim import (TRANSFORMS, build_optimizer, make_schedule,
+                                       register_transform)
+
+
+def _spec(**kw):
+  spec = dict(name="sgd", learning_rate=0.1, schedule="constant", kwargs={}, pre=(),
+              post=())
+  spec.update(kw)
+  return spec
+
+
+def test_base_optimizer_matches_optax():
+  params = {"w": jnp.array([1.0, -2.0])}
+  grads = {"w": jnp.array([0.5, 0.25])}
+  tx = build_optimizer(_spec(name="adam", learning_rate=0.01), 10)
+  ref = optax.adam(0.01)
+  u, _ = tx.update(grads, tx.init(params), params)
+  r, _ = ref.update(grads, ref.init(params), params)
+  np.testing.assert_allclose(u["w"], r["w"])
+
+
+def test_pre_and_post_order():
+  params = {"w": jnp.zeros(2)}
+  grads = {"w": jnp.array([3.0, 4.0])}  # norm 5
+  tx = build_optimizer(_spec(pre=({"name": "optax.clip_by_global_norm", "max_norm": 1.0},),
+                             post=({"name": "optax.scale", "step_size": 2.0},)), 10)
+  u, _ = tx.update(grads, tx.init(params), params)
+  # clip to norm 1 -> sgd(0.1) -> x2
+  np.testing.assert_allclose(u["w"], -0.2 * np.array([0.6, 0.8]), rtol=1e-6)
+
+
+def test_registered_transform_receives_context():
+  seen = {}
+
+  @register_transform("_test_probe")
+  def _probe(ctx, factor):
+    seen["num_steps"] = ctx.num_steps
+    seen["lr0"] = float(ctx.learning_rate(0))
+    return optax.scale(factor)
+
+  try:
+    build_optimizer(_spec(post=({"name": "_test_probe", "factor": 3.0},)), 77)
+    assert seen == {"num_steps": 77, "lr0": pytest.approx(0.1)}
+    with pytest.raises(ValueError, match="already registered"):
+      register_transform("_test_probe")(_probe)
+  finally:
+    TRANSFORMS.pop("_test_probe", None)
+
+
+def test_bad_specs_name_the_field():
+  with pytest.raises(ValueError, match=r"config.optimizer.post\[0\]: unknown transform"):
+    build_optimizer(_spec(post=({"name": "nope"},)), 10)
+  with pytest.raises(ValueError, match="config.optimizer.name='adamm'"):
+    build_optimizer(_spec(name="adamm"), 10)
+  with pytest.raises(ValueError, match="config.optimizer.schedule"):
+    build_optimizer(_spec(schedule="exp"), 10)
+  with pytest.raises(ValueError, match="learning_rate"):
+    build_optimizer(_spec(learning_rate=0.0), 10)
+
+
+@pytest.mark.parametrize("kind,at_end", [("constant", 0.1), ("cosine", 0.0),
+                                         ("linear", 0.0), ("warmup_cosine", 0.0)])
+def test_schedules(kind, at_end):
+  sched = make_schedule(_spec(schedule=kind, warmup_steps=10), 100)
+  assert float(sched(100)) == pytest.approx(at_end, abs=1e-7)
+  if kind == "warmup_cosine":
+    assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(0.1)
+  step = make_schedule(_spec(schedule="step", decay_steps=10, decay_factor=0.5), 100)
+  assert float(step(25)) == pytest.approx(0.025)
