@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparse_jax.training.loop import train_and_evaluate  # noqa: E402
+from sparse_jax.training import run_experiment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
@@ -38,7 +38,7 @@ def main(argv):
       lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
   config = _CONFIG.value
   logging.info("config:\n%s", config)
-  results = train_and_evaluate(config, _WORKDIR.value)
+  results = run_experiment(config, _WORKDIR.value)
   if results["status"] == "preempted":
     logging.warning("preempted at step %d; rerun the same command to resume",
                     results["step"])

@@ -1,0 +1,93 @@
+"""Runs a config over variants x seeds and tabulates mean +- std of the results.
+
+Each run lives in ``workdir/<variant>/seed_<k>`` and is an ordinary resumable run:
+rerunning a sweep skips completed runs and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sparse_jax.training.report import format_table
+
+RunFn = Callable[[Any, str], dict[str, Any]]
+
+
+def summarize(rows: Sequence[dict[str, Any]], metrics: Sequence[str]
+              ) -> list[dict[str, Any]]:
+  """Groups per-seed result rows by ``variant``: mean, std (ddof=1) and n per metric."""
+  out = []
+  for variant in dict.fromkeys(r["variant"] for r in rows):
+    group = [r for r in rows if r["variant"] == variant]
+    summary: dict[str, Any] = {"variant": variant, "seeds": len(group)}
+    for metric in metrics:
+      values = np.array([r[metric] for r in group if r.get(metric) is not None], float)
+      if len(values):
+        summary[metric] = float(values.mean())
+        summary[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    out.append(summary)
+  return out
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], metrics: Sequence[str], *,
+                   percent: Sequence[str] = ()) -> str:
+  """A markdown table ``variant | metric (mean +- std) | ...``."""
+  lines = ["| variant | seeds | " + " | ".join(metrics) + " |",
+           "|---|---|" + "---|" * len(metrics)]
+  for row in summary:
+    cells = []
+    for m in metrics:
+      if m not in row:
+        cells.append("")
+        continue
+      scale = 100.0 if m in percent else 1.0
+      cells.append(f"{scale * row[m]:.4g} +- {scale * row[m + '_std']:.2g}")
+    lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
+              seeds: Sequence[int], workdir: str, *, run: RunFn,
+              metrics: Sequence[str] = ("test_accuracy",),
+              percent: Sequence[str] = ("test_accuracy",)) -> list[dict[str, Any]]:
+  """Runs every (variant, seed) and writes ``sweep.json`` and ``sweep.md``.
+
+  Args:
+    make_config: variant name -> config (e.g. ``lambda v: get_config(v)``).
+    variants: variant names (used as sub-directory names too).
+    seeds: seeds; each run sets ``config.seed``.
+    workdir: sweep directory.
+    run: ``run(config, workdir) -> results dict`` (e.g. ``train_and_evaluate``).
+    metrics: result keys to aggregate.
+    percent: metrics printed as percentages in the markdown table.
+
+  Returns:
+    The per-variant summary rows.
+  """
+  rows = []
+  for variant in variants:
+    for seed in seeds:
+      run_dir = os.path.join(workdir, variant.replace(",", "+") or "base",
+                             f"seed_{seed}")
+      done = os.path.join(run_dir, "results.json")
+      if os.path.exists(done):
+        with open(done) as f:
+          results = json.load(f)
+      else:
+        config = make_config(variant)
+        config.seed = int(seed)
+        results = run(config, run_dir)
+      rows.append({"variant": variant, "seed": int(seed), **results})
+  summary = summarize(rows, metrics)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "sweep.json"), "w") as f:
+    json.dump({"runs": rows, "summary": summary}, f, indent=2, default=str)
+  table = markdown_table(summary, metrics, percent=percent)
+  with open(os.path.join(workdir, "sweep.md"), "w") as f:
+    f.write(table + "\n")
+  print(format_table(summary))
+  return summary

@@ -1,0 +1,50 @@
+"""Sweeps: mean/std aggregation and resumability (completed runs are not rerun)."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from sparse_jax.training import run_experiment
+from sparse_jax.training.sweep import markdown_table, run_sweep, summarize
+
+
+def test_summarize_mean_and_sample_std():
+  rows = [{"variant": "a", "acc": v} for v in (0.5, 0.6, 0.7)] + [
+      {"variant": "b", "acc": 0.9}]
+  a, b = summarize(rows, ["acc"])
+  assert a["acc"] == pytest.approx(0.6) and a["acc_std"] == pytest.approx(0.1)
+  assert b["seeds"] == 1 and b["acc_std"] == 0.0
+  assert "| a | 3 | 60 +- 10 |" in markdown_table([a, b], ["acc"], percent=["acc"])
+
+
+def test_run_sweep_skips_completed_runs(tmp_path):
+  calls = []
+
+  def fake_run(config, workdir):
+    calls.append((config.variant, config.seed))
+    results = {"test_accuracy": 0.1 * config.seed + (0.5 if config.variant == "x" else 0)}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f)
+    return results
+
+  def make(variant):
+    return ml_collections.ConfigDict({"variant": variant, "seed": -1})
+
+  summary = run_sweep(make, ["x", "y"], [0, 1, 2], str(tmp_path), run=fake_run)
+  assert len(calls) == 6
+  assert summary[0]["test_accuracy"] == pytest.approx(0.6)
+  assert summary[1]["test_accuracy_std"] == pytest.approx(0.1)
+  run_sweep(make, ["x", "y"], [0, 1, 2], str(tmp_path), run=fake_run)
+  assert len(calls) == 6  # nothing rerun
+  saved = json.loads((tmp_path / "sweep.json").read_text())
+  assert len(saved["runs"]) == 6 and (tmp_path / "sweep.md").exists()
+
+
+def test_unknown_runner():
+  config = ml_collections.ConfigDict({"runner": "nope"})
+  with pytest.raises(ValueError, match="config.runner='nope'"):
+    run_experiment(config, "/tmp/unused")
