@@ -57,7 +57,7 @@ def test_registered_transform_receives_context():
 def test_bad_specs_name_the_field():
   with pytest.raises(ValueError, match=r"config.optimizer.post\[0\]: unknown transform"):
     build_optimizer(_spec(post=({"name": "nope"},)), 10)
-  with pytest.raises(ValueError, match="config.optimizer.name='adamm'"):
+  with pytest.raises(ValueError, match="config.optimizer.name='adamm' is neither"):
     build_optimizer(_spec(name="adamm"), 10)
   with pytest.raises(ValueError, match="config.optimizer.schedule"):
     build_optimizer(_spec(schedule="exp"), 10)

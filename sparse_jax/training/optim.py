@@ -107,7 +107,8 @@ def build_optimizer(spec: Mapping[str, Any], num_steps: int
 
   Args:
     spec: ``name`` (any optax optimizer taking ``learning_rate``: "sgd", "adam",
-      "adamw", ...), ``learning_rate``, ``schedule`` (see :func:`make_schedule`),
+      "adamw", ...; or a registered transform that is an optimizer by itself, such
+      as "foovb", built from ``kwargs`` and the context), ``learning_rate``, ``schedule`` (see :func:`make_schedule`),
       ``kwargs`` (extra arguments of the base optimizer), ``pre`` and ``post``
       (sequences of ``{"name": ..., **kwargs}``).
     num_steps: total training steps (for schedules).
@@ -117,10 +118,16 @@ def build_optimizer(spec: Mapping[str, Any], num_steps: int
   """
   schedule = make_schedule(spec, num_steps)
   ctx = BuildContext(num_steps=num_steps, learning_rate=schedule)
-  base_fn = getattr(optax, str(spec["name"]), None)
-  if not callable(base_fn):
-    raise ValueError(f"config.optimizer.name={spec['name']!r} is not an optax optimizer")
-  base = base_fn(learning_rate=schedule, **dict(spec.get("kwargs", None) or {}))
+  name = str(spec["name"])
+  base_kwargs = dict(spec.get("kwargs", None) or {})
+  if name in TRANSFORMS:  # e.g. "foovb": a registered transform is the optimizer
+    base = TRANSFORMS[name](ctx, **base_kwargs)
+  else:
+    base_fn = getattr(optax, name, None)
+    if not callable(base_fn):
+      raise ValueError(f"config.optimizer.name={name!r} is neither an optax optimizer "
+                       f"nor a registered transform {sorted(TRANSFORMS)}")
+    base = base_fn(learning_rate=schedule, **base_kwargs)
   pre = [_build_one(item, ctx, f"pre[{i}]") for i, item in enumerate(spec.get("pre", ()))]
   post = [_build_one(item, ctx, f"post[{i}]")
           for i, item in enumerate(spec.get("post", ()))]

@@ -56,34 +56,59 @@ def init_train_state(params: PyTree, model_state: PyTree,
                     model_state=model_state, opt_state=tx.init(params))
 
 
+def make_loss_fn(graphdef: nnx.GraphDef, *, reduction: str = "mean"):
+  """``loss_fn(params, model_state, x, y, logit_mask=None) -> (loss, aux)``.
+
+  Softmax cross-entropy, reduced by ``reduction`` ("mean", or "sum": the summed batch
+  loss of online Bayesian methods). ``logit_mask`` (num_classes bools) restricts the
+  softmax to some classes (multi-head / task-incremental training).
+  ``aux = (new_model_state, mean loss, accuracy)``.
+  """
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"loss reduction {reduction!r} must be 'mean' or 'sum'")
+  apply = make_apply(graphdef)
+
+  def loss_fn(params, model_state, x, y, logit_mask=None):
+    logits, new_model_state = apply(params, model_state, x, True)
+    if logit_mask is not None:
+      logits = jnp.where(logit_mask, logits, -1e9)
+    losses = cross_entropy(logits, y)
+    loss = losses.mean() if reduction == "mean" else losses.sum()
+    accuracy = (logits.argmax(-1) == y).mean()
+    return loss, (new_model_state, losses.mean(), accuracy)
+
+  return loss_fn
+
+
 def make_standard_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                       *, loss_reduction: str = "mean"):
+                       *, loss_reduction: str = "mean",
+                       penalty: Callable[[PyTree], jax.Array] | None = None):
   """Builds the supervised train step ``step(state, x, y) -> (state, metrics)``.
 
   Args:
     graphdef: the model's static graph from :func:`split_model`.
     tx: the optax transformation; it receives ``params`` as extra argument, so
       projections and masks that need the current weights work.
-    loss_reduction: "mean" (the usual) or "sum" (the summed batch loss of online
-      Bayesian methods) of the per-example cross-entropy.
+    loss_reduction: "mean" (the usual) or "sum" of the per-example cross-entropy.
+    penalty: optional ``penalty(params) -> scalar`` added to the loss (e.g. EWC);
+      the step then takes its pytree argument as ``step(state, x, y, penalty_args)``
+      and calls ``penalty(params, penalty_args)``.
 
   Returns:
     A pure function; jit it (the loop does, donating the state).
   """
-  apply = make_apply(graphdef)
-  if loss_reduction not in ("mean", "sum"):
-    raise ValueError(f"loss_reduction={loss_reduction!r} must be 'mean' or 'sum'")
+  loss_fn = make_loss_fn(graphdef, reduction=loss_reduction)
 
-  def loss_fn(params, model_state, x, y):
-    logits, new_model_state = apply(params, model_state, x, True)
-    losses = cross_entropy(logits, y)
-    loss = losses.mean() if loss_reduction == "mean" else losses.sum()
-    accuracy = (logits.argmax(-1) == y).mean()
-    return loss, (new_model_state, losses.mean(), accuracy)
+  def total_loss(params, model_state, x, y, logit_mask, penalty_args):
+    loss, aux = loss_fn(params, model_state, x, y, logit_mask)
+    if penalty is not None:
+      loss = loss + penalty(params, penalty_args)
+    return loss, aux
 
-  def step(state: TrainState, x: jax.Array, y: jax.Array):
-    grads, (model_state, loss, accuracy) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, x, y)
+  def step(state: TrainState, x: jax.Array, y: jax.Array, penalty_args=None,
+           logit_mask=None):
+    grads, (model_state, loss, accuracy) = jax.grad(total_loss, has_aux=True)(
+        state.params, state.model_state, x, y, logit_mask, penalty_args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params,
@@ -94,14 +119,18 @@ def make_standard_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
-  """``eval_step(params, model_state, x, y, valid) -> {loss_sum, correct, count}``.
+  """``eval_step(params, model_state, x, y, valid, logit_mask=None) -> sums``.
 
-  ``valid`` masks padding rows, so every eval batch can have the same shape.
+  Returns ``{loss_sum, correct, count}``. ``valid`` masks padding rows, so every eval
+  batch can have the same shape; ``logit_mask`` restricts the prediction to some
+  classes (task-incremental evaluation).
   """
   apply = make_apply(graphdef)
 
-  def eval_step(params, model_state, x, y, valid):
+  def eval_step(params, model_state, x, y, valid, logit_mask=None):
     logits, _ = apply(params, model_state, x, False)
+    if logit_mask is not None:
+      logits = jnp.where(logit_mask, logits, -1e9)
     valid = valid.astype(jnp.float32)
     return {"loss_sum": (cross_entropy(logits, y) * valid).sum(),
             "correct": ((logits.argmax(-1) == y) * valid).sum(),
@@ -111,7 +140,7 @@ def make_eval_step(graphdef: nnx.GraphDef):
 
 
 def evaluate(eval_step, params: PyTree, model_state: PyTree, x, y, *,
-             batch_size: int = 1000) -> dict[str, float]:
+             batch_size: int = 1000, logit_mask=None) -> dict[str, float]:
   """Loss and accuracy over a whole split, in padded fixed-size batches.
 
   Args:
@@ -121,6 +150,7 @@ def evaluate(eval_step, params: PyTree, model_state: PyTree, x, y, *,
     x: inputs (host numpy array).
     y: labels.
     batch_size: evaluation batch size (the split is padded to a multiple).
+    logit_mask: optional class mask passed to ``eval_step``.
 
   Returns:
     ``{"loss": mean loss, "accuracy": fraction correct}``.
@@ -138,7 +168,7 @@ def evaluate(eval_step, params: PyTree, model_state: PyTree, x, y, *,
       valid[len(xb):] = False
       xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
       yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-    out = eval_step(params, model_state, xb, yb, valid)
+    out = eval_step(params, model_state, xb, yb, valid, logit_mask)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {"loss": float(totals["loss_sum"] / totals["count"]),
