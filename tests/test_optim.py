@@ -74,3 +74,36 @@ def test_schedules(kind, at_end):
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(0.1)
   step = make_schedule(_spec(schedule="step", decay_steps=10, decay_factor=0.5), 100)
   assert float(step(25)) == pytest.approx(0.025)
+
+
+def test_forward_transform_is_used_in_train_and_eval():
+  import jax
+  from sparse_jax.models import build_model
+  from sparse_jax.training.optim import FORWARD_TRANSFORMS, build_forward, register_forward
+  from sparse_jax.training.steps import (init_train_state, make_eval_step,
+                                         make_standard_step, split_model)
+
+  @register_forward("_test_zero_head")
+  def _zero_head(scale):
+    def forward(params):
+      head = dict(params["head"], kernel=params["head"]["kernel"] * scale)
+      return dict(params, head=head)
+    return forward
+
+  try:
+    forward = build_forward([{"name": "_test_zero_head", "scale": 0.0}])
+    graphdef, params, ms = split_model(build_model("mlp", (4,), 3, hidden=(5,)))
+    params["head"]["bias"] = jnp.array([0.0, 5.0, 0.0])
+    x, y = jnp.ones((2, 4)), jnp.array([1, 1])
+    out = make_eval_step(graphdef, forward=forward)(params, ms, x, y, jnp.ones(2, bool))
+    assert float(out["correct"]) == 2.0  # only the bias speaks: class 1
+    tx = optax.sgd(1.0)
+    step = make_standard_step(graphdef, tx, forward=forward)
+    new, _ = step(init_train_state(params, ms, tx), x, y)
+    # The gradient w.r.t. the stored head kernel is scale * (upstream): zero here.
+    np.testing.assert_array_equal(new.params["head"]["kernel"], params["head"]["kernel"])
+    assert build_forward(()) is None
+    with pytest.raises(ValueError, match=r"config.train.forward\[0\]"):
+      build_forward([{"name": "nope"}])
+  finally:
+    FORWARD_TRANSFORMS.pop("_test_zero_head", None)

@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
       name="adam", learning_rate=1e-3, schedule="cosine", warmup_steps=0,
       decay_steps=0, decay_factor=0.1, kwargs={}, pre=(), post=()))
   c.train = ml_collections.ConfigDict(dict(
-      step="standard", loss_reduction="mean", num_steps=3000, batch_size=64,
+      step="standard", loss_reduction="mean", forward=(), num_steps=3000, batch_size=64,
       log_every=100, eval_every=500, checkpoint_every=1000, eval_batch_size=1000,
       train_eval_examples=10_000, progress_every_secs=10.0))
   return c

@@ -30,7 +30,7 @@ from sparse_jax.data import BatchSchedule, load_dataset
 from sparse_jax.models import build_model
 from sparse_jax.training.checkpoint import Checkpointer
 from sparse_jax.training.metrics import MetricWriter
-from sparse_jax.training.optim import build_optimizer
+from sparse_jax.training.optim import build_forward, build_optimizer
 from sparse_jax.training.progress import Progress
 from sparse_jax.training.report import format_table
 from sparse_jax.training.steps import (init_train_state, evaluate, make_eval_step,
@@ -39,7 +39,8 @@ from sparse_jax.training.steps import (init_train_state, evaluate, make_eval_ste
 
 def _standard_builder(graphdef, tx, config):
   return make_standard_step(graphdef, tx,
-                            loss_reduction=config.train.get("loss_reduction", "mean"))
+                            loss_reduction=config.train.get("loss_reduction") or "mean",
+                            forward=build_forward(config.train.get("forward", ())))
 
 
 STEP_BUILDERS: dict[str, Callable[..., Callable]] = {"standard": _standard_builder}
@@ -122,7 +123,8 @@ def train_and_evaluate(config, workdir: str, *,
     raise ValueError(f"config.train.step={train_cfg.step!r} is not one of "
                      f"{sorted(STEP_BUILDERS)}")
   step_fn = jax.jit(builder(graphdef, tx, config), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef))
+  eval_step = jax.jit(make_eval_step(
+      graphdef, forward=build_forward(train_cfg.get("forward", ()))))
   schedule = BatchSchedule(len(data.x_train), int(train_cfg.batch_size),
                            seed=config.seed)
 

@@ -132,3 +132,38 @@ def build_optimizer(spec: Mapping[str, Any], num_steps: int
   post = [_build_one(item, ctx, f"post[{i}]")
           for i, item in enumerate(spec.get("post", ()))]
   return optax.chain(*pre, base, *post)
+
+
+FORWARD_TRANSFORMS: dict[str, Callable[..., Callable[[Any], Any]]] = {}
+"""``config.train.forward`` names: ``builder(**kwargs) -> (params -> weights)``."""
+
+
+def register_forward(name: str):
+  """Registers a forward-pass weight transform builder (e.g. "nm_ste")."""
+  def decorator(builder):
+    if name in FORWARD_TRANSFORMS:
+      raise ValueError(f"forward transform {name!r} is already registered")
+    FORWARD_TRANSFORMS[name] = builder
+    return builder
+  return decorator
+
+
+def build_forward(specs) -> Callable[[Any], Any] | None:
+  """Composes ``config.train.forward`` (a sequence of ``{"name", **kwargs}``), or None."""
+  fns = []
+  for i, item in enumerate(specs or ()):
+    kwargs = dict(item)
+    name = kwargs.pop("name", None)
+    if name not in FORWARD_TRANSFORMS:
+      raise ValueError(f"config.train.forward[{i}]: unknown forward transform {name!r};"
+                       f" registered: {sorted(FORWARD_TRANSFORMS)}")
+    fns.append(FORWARD_TRANSFORMS[name](**kwargs))
+  if not fns:
+    return None
+
+  def forward(params):
+    for fn in fns:
+      params = fn(params)
+    return params
+
+  return forward

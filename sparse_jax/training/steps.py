@@ -56,8 +56,12 @@ def init_train_state(params: PyTree, model_state: PyTree,
                     model_state=model_state, opt_state=tx.init(params))
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, *, reduction: str = "mean"):
+def make_loss_fn(graphdef: nnx.GraphDef, *, reduction: str = "mean",
+                 forward: Callable[[PyTree], PyTree] | None = None):
   """``loss_fn(params, model_state, x, y, logit_mask=None) -> (loss, aux)``.
+
+  ``forward`` maps the stored params to the weights the forward pass uses (e.g. the
+  N:M-masked weights of STE, whose gradient passes straight through).
 
   Softmax cross-entropy, reduced by ``reduction`` ("mean", or "sum": the summed batch
   loss of online Bayesian methods). ``logit_mask`` (num_classes bools) restricts the
@@ -69,7 +73,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, reduction: str = "mean"):
   apply = make_apply(graphdef)
 
   def loss_fn(params, model_state, x, y, logit_mask=None):
-    logits, new_model_state = apply(params, model_state, x, True)
+    weights = params if forward is None else forward(params)
+    logits, new_model_state = apply(weights, model_state, x, True)
     if logit_mask is not None:
       logits = jnp.where(logit_mask, logits, -1e9)
     losses = cross_entropy(logits, y)
@@ -82,7 +87,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, reduction: str = "mean"):
 
 def make_standard_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                        *, loss_reduction: str = "mean",
-                       penalty: Callable[[PyTree], jax.Array] | None = None):
+                       penalty: Callable[[PyTree], jax.Array] | None = None,
+                       forward: Callable[[PyTree], PyTree] | None = None):
   """Builds the supervised train step ``step(state, x, y) -> (state, metrics)``.
 
   Args:
@@ -93,11 +99,13 @@ def make_standard_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     penalty: optional ``penalty(params) -> scalar`` added to the loss (e.g. EWC);
       the step then takes its pytree argument as ``step(state, x, y, penalty_args)``
       and calls ``penalty(params, penalty_args)``.
+    forward: optional map from the stored params to the forward-pass weights
+      (see :func:`make_loss_fn`).
 
   Returns:
     A pure function; jit it (the loop does, donating the state).
   """
-  loss_fn = make_loss_fn(graphdef, reduction=loss_reduction)
+  loss_fn = make_loss_fn(graphdef, reduction=loss_reduction, forward=forward)
 
   def total_loss(params, model_state, x, y, logit_mask, penalty_args):
     loss, aux = loss_fn(params, model_state, x, y, logit_mask)
@@ -118,17 +126,20 @@ def make_standard_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, *,
+                   forward: Callable[[PyTree], PyTree] | None = None):
   """``eval_step(params, model_state, x, y, valid, logit_mask=None) -> sums``.
 
   Returns ``{loss_sum, correct, count}``. ``valid`` masks padding rows, so every eval
   batch can have the same shape; ``logit_mask`` restricts the prediction to some
-  classes (task-incremental evaluation).
+  classes (task-incremental evaluation). ``forward`` as in :func:`make_loss_fn`: the
+  model is evaluated with the weights it trains with.
   """
   apply = make_apply(graphdef)
 
   def eval_step(params, model_state, x, y, valid, logit_mask=None):
-    logits, _ = apply(params, model_state, x, False)
+    weights = params if forward is None else forward(params)
+    logits, _ = apply(weights, model_state, x, False)
     if logit_mask is not None:
       logits = jnp.where(logit_mask, logits, -1e9)
     valid = valid.astype(jnp.float32)
