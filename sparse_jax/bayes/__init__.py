@@ -1,0 +1,72 @@
+"""FOO-VB online variational Bayes (diagonal, Kronecker, full) and Bayesian prediction.
+
+Modules:
+  fixed_point  pure math: the stable diagonal (BGD) step, the closed-form
+               solution of ``X X^T + V E X^T - V = 0``, covariance mixing.
+  kronecker    pure math of the matrix-variate posterior in the Flax layout.
+  layout       which params leaf gets which posterior (static).
+  foovb        the optax transform, sampling, state helpers.
+  step         a training step (K sampled gradients, BatchNorm statistics).
+  predict      mean / MC / committee / BMA prediction, entropy, ECE, NLL.
+"""
+
+from sparse_jax.bayes.fixed_point import (
+    diagonal_std_update,
+    fixed_point_residual,
+    solve_fixed_point,
+)
+from sparse_jax.bayes.foovb import (
+    FooVBPosterior,
+    FooVBState,
+    KronFactors,
+    alpha_split_init,
+    find_foovb_state,
+    foovb,
+    foovb_sample,
+    foovb_set_mean,
+    foovb_std,
+)
+from sparse_jax.bayes.kronecker import kron_covariance
+from sparse_jax.bayes.predict import (
+    accuracy,
+    bma_log_probs,
+    bma_probs,
+    committee_vote,
+    evaluate,
+    expected_calibration_error,
+    mc_accuracy,
+    mutual_information,
+    negative_log_likelihood,
+    predictive_entropy,
+    sample_logits,
+)
+from sparse_jax.bayes.step import foovb_step, sample_gradients
+
+__all__ = [
+    "FooVBPosterior",
+    "FooVBState",
+    "KronFactors",
+    "accuracy",
+    "alpha_split_init",
+    "bma_log_probs",
+    "bma_probs",
+    "committee_vote",
+    "diagonal_std_update",
+    "evaluate",
+    "expected_calibration_error",
+    "find_foovb_state",
+    "fixed_point_residual",
+    "foovb",
+    "foovb_sample",
+    "foovb_set_mean",
+    "foovb_std",
+    "foovb_step",
+    "kron_covariance",
+    "mc_accuracy",
+    "mutual_information",
+    "negative_log_likelihood",
+    "predictive_entropy",
+    "sample_gradients",
+    "sample_logits",
+    "solve_fixed_point",
+]

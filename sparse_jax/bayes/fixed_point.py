@@ -1,0 +1,203 @@
+"""Pure math of the FOO-VB fixed-point updates (no optax, no pytrees).
+
+Online variational Bayes (Zeno et al. 2021) moves a Gaussian posterior
+``N(mu, Sigma)`` to the next one with the fixed-point equations
+
+    mu'    = mu - eta * Sigma grad_bar
+    Sigma' = X X^T,  X solving  X X^T + V E X^T - V = 0,   V = Sigma,
+
+with Monte-Carlo estimates from K samples ``theta_k = mu + L eps_k``
+(``L L^T = Sigma``): ``grad_bar = mean_k g_k`` and ``E = mean_k g_k eps_k^T``.
+Multiplying the matrix equation by ``V^-1`` on the left and ``X^-T X^-1`` on
+the right shows it is the precision update ``Sigma'^-1 = V^-1 + E X^-1``, where
+``E X^-1`` is Stein's estimate of the expected Hessian.
+
+This module holds the array functions: the stable diagonal (BGD) step, the
+closed-form solution of the matrix equation, and the covariance mixing used by
+damping and forgetting. Everything is jittable and vmappable.
+
+References:
+  Zeno, Golan, Hoffer, Soudry, "Task Agnostic Continual Learning Using Online
+  Variational Bayes with Fixed-Point Updates", Neural Computation 2021,
+  https://arxiv.org/abs/2010.00373
+  Zeno, Golan, Hoffer, Soudry, "Bayesian Gradient Descent: Online Variational
+  Bayes Learning with Increased Robustness to Catastrophic Forgetting and Weight
+  Pruning", https://arxiv.org/abs/1803.10123
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+
+def diagonal_std_update(std: ArrayLike, grad_eps: ArrayLike) -> jax.Array:
+  """The BGD standard-deviation step, computed without cancellation or overflow.
+
+  With ``x = std * grad_eps / 2`` the update is
+
+      std' = std * sqrt(1 + x^2) - std * x = std * (sqrt(1 + x^2) - x),
+
+  the positive root of the 1x1 matrix equation ``s^2 + v e s - v = 0``
+  (``v = std^2``, ``e = grad_eps``). For ``x >= 0`` it is evaluated as
+  ``std / (sqrt(1 + x^2) + x)`` (the direct form rounds to 0 in float32 once
+  ``x`` exceeds ~1e4), for ``x < 0`` as ``std * (sqrt(1 + x^2) + |x|)``;
+  ``sqrt(1 + x^2)`` is replaced by ``|x|`` where ``x^2`` would overflow. The
+  result is clipped to ``[tiny, max]`` of the dtype, so it stays positive and
+  finite for any finite input (also on hardware that flushes subnormals).
+
+  Args:
+    std: current standard deviations (positive), any float dtype.
+    grad_eps: ``mean_k g_k * eps_k``, broadcastable to ``std``.
+
+  Returns:
+    The new standard deviations, dtype of ``std``.
+
+  Example:
+    >>> diagonal_std_update(jnp.float32(0.1), jnp.float32(1e9))  # no collapse
+    Array(1.e-09, dtype=float32)
+
+  References:
+    https://arxiv.org/abs/1803.10123 (eq. 8)
+  """
+  std = jnp.asarray(std)
+  dtype = std.dtype
+  info = jnp.finfo(dtype)
+  x = std * jnp.asarray(grad_eps, dtype) * 0.5
+  a = jnp.abs(x)
+  # sqrt(1 + a^2) == a in this dtype long before a^2 overflows.
+  big = jnp.sqrt(jnp.asarray(info.max, dtype)) * 0.5
+  root = jnp.where(a < big, jnp.sqrt(1.0 + jnp.minimum(a, big) ** 2), a)
+  factor = root + a  # >= 1
+  new = jnp.where(x >= 0, std / factor, std * factor)
+  return jnp.clip(new, info.tiny, info.max).astype(dtype)
+
+
+def solve_fixed_point(v: ArrayLike, e: ArrayLike) -> jax.Array:
+  """Closed-form ``X`` with ``X X^T + V E X^T - V = 0`` (V symmetric positive definite).
+
+  With ``B = V + (V E)(V E)^T / 4``, any ``L_B`` with ``L_B L_B^T = B`` (here
+  the Cholesky factor) and the SVD ``L_B^-1 V E = S Lambda W^T``, the paper's
+  solution is
+
+      X = L_B S W^T - V E / 2.
+
+  Proof sketch: put ``Y = X + V E / 2``; the equation becomes ``Y Y^T = B``
+  plus the condition that ``V E Y^T`` be symmetric. ``Y = L_B Q`` with ``Q``
+  orthogonal satisfies the first; ``Q = S W^T`` makes ``L_B^-1 V E Q^T =
+  S Lambda S^T`` symmetric (positive semi-definite), which gives the second.
+
+  That difference cancels catastrophically when ``V E`` is large (a batch with
+  much information; in 1x1 it is the direct BGD form that rounds to 0). Since
+  ``(X + V E) X^T = V`` and ``X + V E = L_B S (I + Lambda / 2) W^T``, the same
+  ``X`` is computed here without cancellation as
+
+      X = (L_B^-1 V)^T S (I + Lambda / 2)^-1 W^T.
+
+  This root also gives ``X X^T <= V`` (the covariance never grows): ``V - X
+  X^T = L_B S (Lambda - Lambda^2 / 2) S^T L_B^T`` and the singular values of
+  ``L_B^-1 V E`` are < 2. In 1x1 it is the diagonal formula when ``e >= 0``;
+  for ``e < 0`` it picks the root of the opposite sign, whose magnitude is the
+  shrinking one (see :func:`diagonal_std_update` for the growing root).
+
+  ``X`` is used as a square root of the new covariance. Precision: the work is
+  done in the dtype of the inputs (enable x64 and pass float64 for the
+  reference implementation's double precision).
+
+  Args:
+    v: ``(n, n)`` symmetric positive-definite matrix (the old covariance).
+    e: ``(n, n)`` matrix, ``mean_k g_k eps_k^T``.
+
+  Returns:
+    ``X``, ``(n, n)``.
+
+  Example:
+    >>> v = jnp.eye(2)
+    >>> e = jnp.array([[1.0, 0.2], [0.0, 0.5]])
+    >>> x = solve_fixed_point(v, e)
+    >>> bool(jnp.allclose(x @ x.T + v @ e @ x.T - v, 0.0, atol=1e-5))
+    True
+
+  References:
+    https://arxiv.org/abs/2010.00373 (section 3, the matrix equation and its
+    solution)
+  """
+  v = jnp.asarray(v)
+  e = jnp.asarray(e, v.dtype)
+  if v.ndim != 2 or v.shape[0] != v.shape[1] or e.shape != v.shape:
+    raise ValueError(f"solve_fixed_point needs square v and e of the same shape, "
+                     f"got v.shape={v.shape}, e.shape={e.shape}.")
+  v = 0.5 * (v + v.T)
+  ve = v @ e
+  b = v + 0.25 * (ve @ ve.T)
+  l_b = jnp.linalg.cholesky(0.5 * (b + b.T))
+  # One triangular solve for both L_B^-1 V E and L_B^-1 V.
+  sol = jax.scipy.linalg.solve_triangular(
+      l_b, jnp.concatenate([ve, v], axis=1), lower=True)
+  c, g = sol[:, :v.shape[0]], sol[:, v.shape[0]:]
+  s, lam, wt = jnp.linalg.svd(c)
+  return (g.T @ s) / (1.0 + 0.5 * lam)[None, :] @ wt
+
+
+def fixed_point_residual(x: ArrayLike, v: ArrayLike, e: ArrayLike) -> jax.Array:
+  """``X X^T + V E X^T - V`` (zero at a solution of the FOO-VB matrix equation).
+
+  Args:
+    x: ``(n, n)`` candidate solution.
+    v: ``(n, n)`` old covariance.
+    e: ``(n, n)`` ``mean_k g_k eps_k^T``.
+
+  Returns:
+    The ``(n, n)`` residual matrix.
+
+  Example:
+    >>> fixed_point_residual(jnp.eye(2), jnp.eye(2), jnp.zeros((2, 2)))
+    Array([[0., 0.],
+           [0., 0.]], dtype=float32)
+  """
+  x, v, e = jnp.asarray(x), jnp.asarray(v), jnp.asarray(e)
+  return x @ x.T + v @ e @ x.T - v
+
+
+def mix_scale(scale: ArrayLike, target_cov: ArrayLike,
+              weight: ArrayLike) -> jax.Array:
+  """Cholesky factor of ``(1 - w) scale scale^T + w target_cov``.
+
+  Used for damping (``target_cov`` = the fixed-point map's covariance) and for
+  forgetting (``target_cov`` = the initial covariance).
+
+  Args:
+    scale: ``(n, n)`` square-root factor of the current covariance.
+    target_cov: ``(n, n)`` symmetric positive semi-definite matrix.
+    weight: mixing weight ``w`` in ``[0, 1]``.
+
+  Returns:
+    A lower-triangular ``(n, n)`` factor of the mixed covariance.
+
+  Example:
+    >>> mix_scale(jnp.eye(2), 4.0 * jnp.eye(2), 0.5)[0, 0]
+    Array(1.5811388, dtype=float32)
+  """
+  scale = jnp.asarray(scale)
+  cov = (1.0 - weight) * (scale @ scale.T) + weight * jnp.asarray(target_cov)
+  return jnp.linalg.cholesky(0.5 * (cov + cov.T))
+
+
+def mix_std(std: ArrayLike, target_var: ArrayLike, weight: ArrayLike) -> jax.Array:
+  """``sqrt((1 - w) std^2 + w target_var)``: :func:`mix_scale` for diagonal covariances.
+
+  Args:
+    std: current standard deviations.
+    target_var: variances to mix in (broadcastable).
+    weight: mixing weight ``w`` in ``[0, 1]``.
+
+  Returns:
+    The mixed standard deviations, dtype of ``std``.
+
+  Example:
+    >>> mix_std(jnp.float32(1.0), 4.0, 0.5)
+    Array(1.5811388, dtype=float32)
+  """
+  std = jnp.asarray(std)
+  return jnp.sqrt((1.0 - weight) * std * std + weight * target_var).astype(std.dtype)

@@ -1,0 +1,768 @@
+"""FOO-VB online variational Bayes as an optax transformation.
+
+One training step with K Monte-Carlo samples::
+
+    samples = foovb_sample(opt_state, K)                  # (K, ...) per leaf
+    grads = jax.vmap(jax.grad(summed_loss), (0, None))(samples, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)          # the posterior mean
+
+Where the mean lives. The state holds the whole posterior, including its mean
+(``FooVBState.mean``): samples are drawn around it and every update starts from
+it, so sampling and update can never disagree. ``update`` returns ``new_mean -
+params`` (``new_mean - state.mean`` without params), hence after
+``apply_updates`` the params you hold equal ``state.mean`` -- as long as no
+later transform in an ``optax.chain`` changes the updates. If one does (e.g.
+a projection onto an N:M mask), the params become ``projection(state.mean)``
+while the state keeps the unprojected mean ("dense shadow mean"). To make the
+projected point the posterior mean instead (samples drawn around it, the next
+update starting from it) write it back after each step with
+``opt_state = foovb_set_mean(opt_state, params)``.
+
+Noise. ``foovb_sample`` does not advance the PRNG key; ``update`` regenerates
+exactly the same noise from ``state.key`` (nothing is stored between the two),
+then advances the key. Noise of sample k does not depend on K.
+
+References:
+  Zeno, Golan, Hoffer, Soudry, "Task Agnostic Continual Learning Using Online
+  Variational Bayes with Fixed-Point Updates", Neural Computation 2021,
+  https://arxiv.org/abs/2010.00373
+  Zeno, Golan, Hoffer, Soudry, "Bayesian Gradient Descent",
+  https://arxiv.org/abs/1803.10123
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from sparse_jax.bayes import fixed_point as fp
+from sparse_jax.bayes import kronecker as kr
+from sparse_jax.bayes import layout as lo
+
+PyTree = Any
+
+MAX_FULL_SIZE = 16384  # a (D, D) factor beyond this is not "a small model"
+
+
+class KronFactors(NamedTuple):
+  """Square-root factors of one matrix-variate group, ``cov = (a a^T) kron (b b^T)``."""
+  a: jax.Array  # (rows, rows): inputs (fan_in, plus one for the bias row)
+  b: jax.Array  # (cols, cols): outputs
+
+
+class FooVBPosterior(NamedTuple):
+  """The Gaussian posterior: mean and covariance parameters."""
+  mean: PyTree             # like params
+  std: PyTree              # like params; shape (0,) where the leaf is not diagonal
+  kron: dict[str, KronFactors]  # per Kronecker group, keyed by the kernel's path
+  scale: jax.Array | None  # "full": (D, D) with cov = scale scale^T
+
+
+class FooVBState(NamedTuple):
+  """State of :func:`foovb`.
+
+  Attributes:
+    count: number of updates applied (int32).
+    key: PRNG key of the next step's noise (advanced by every update).
+    mean: the posterior mean, like params.
+    std: per-entry std of the diagonal leaves, like params (a ``(0,)``
+      placeholder for leaves that are fixed, Kronecker or full).
+    kron: ``{kernel path: KronFactors(a, b)}`` for ``covariance="kron"``.
+    scale: the ``(D, D)`` square-root factor of the full covariance over the
+      flattened Bayesian leaves (tree order), or None.
+    anchor: with ``fixed_point_iterations > 1``: the posterior at the start of
+      the current batch (the prior of the fixed-point iterations), else None.
+    layout: static description of which leaf has which posterior
+      (:class:`sparse_jax.bayes.layout.Layout`); it has no array leaves.
+  """
+  count: jax.Array
+  key: jax.Array
+  mean: PyTree
+  std: PyTree
+  kron: dict[str, KronFactors]
+  scale: jax.Array | None
+  anchor: FooVBPosterior | None
+  layout: lo.Layout
+
+  @property
+  def posterior(self) -> FooVBPosterior:
+    return FooVBPosterior(self.mean, self.std, self.kron, self.scale)
+
+
+# ----------------------------------------------------------------------------
+# Argument checks.
+
+
+def _positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"foovb: {name} must be a number, got {value!r}.") from None
+  ok = v >= 0 if allow_zero else v > 0
+  if not (ok and math.isfinite(v)):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"foovb: {name} must be finite and {bound}, got {name}={value!r}.")
+  return v
+
+
+def _positive_int(value: Any, name: str) -> int:
+  try:
+    v = operator.index(value)
+  except TypeError:
+    raise ValueError(f"foovb: {name} must be a Python int >= 1, got {value!r}.") from None
+  if v < 1:
+    raise ValueError(f"foovb: {name} must be >= 1, got {name}={v}.")
+  return v
+
+
+def _as_key(key: Any) -> jax.Array:
+  if isinstance(key, (int, np.integer)):
+    return jax.random.PRNGKey(int(key))
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+          or key.dtype == jnp.uint32):
+    raise ValueError(f"foovb: key must be an int seed or a PRNG key "
+                     f"(jax.random.key / PRNGKey), got dtype {key.dtype}.")
+  return key
+
+
+# ----------------------------------------------------------------------------
+# Noise, flattening and sampling (shared by foovb_sample and update).
+
+
+def _normal(key: jax.Array, index: int, num_samples: int,
+            shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """``(K, *shape)`` standard normals; sample k depends on (key, index, k) only."""
+  leaf_key = jax.random.fold_in(key, index)
+  return jax.vmap(lambda k: jax.random.normal(
+      jax.random.fold_in(leaf_key, k), shape, dtype))(jnp.arange(num_samples))
+
+
+def _sample_mean(x: jax.Array) -> jax.Array:
+  """Mean over the leading (sample) axis.
+
+  For small K it is an unrolled sum of the K slices: XLA fuses it (with the
+  noise generation feeding it) into one elementwise loop, where a reduction
+  over a leading axis is ~25x slower on CPU.
+  """
+  k = x.shape[0]
+  if k > 64:
+    return jnp.mean(x, axis=0)
+  total = x[0]
+  for i in range(1, k):
+    total = total + x[i]
+  return total / k
+
+
+def _group_matrix(leaves: list[jax.Array], group: lo.KronGroup, dtype: Any,
+                  lead: tuple[int, ...] = ()) -> jax.Array:
+  """The ``(*lead, rows, cols)`` matrix of a group (kernel rows, then bias row)."""
+  kernel = leaves[group.kernel].astype(dtype)
+  mat = kernel.reshape(lead + (group.fan_in, group.cols))
+  if group.bias is not None:
+    bias = leaves[group.bias].astype(dtype).reshape(lead + (1, group.cols))
+    mat = jnp.concatenate([mat, bias], axis=-2)
+  return mat
+
+
+def _scatter_group(out: list, mat: jax.Array, group: lo.KronGroup,
+                   dtypes: list[Any], lead: tuple[int, ...] = ()) -> None:
+  """Writes a group's ``(*lead, rows, cols)`` matrix back into kernel/bias leaves."""
+  kernel = mat[..., :group.fan_in, :].reshape(lead + group.kernel_shape)
+  out[group.kernel] = kernel.astype(dtypes[group.kernel])
+  if group.bias is not None:
+    out[group.bias] = mat[..., group.fan_in, :].astype(dtypes[group.bias])
+
+
+def _ravel_full(leaves: list[jax.Array], layout: lo.Layout, dtype: Any,
+                lead: tuple[int, ...] = ()) -> jax.Array:
+  return jnp.concatenate(
+      [leaves[i].astype(dtype).reshape(lead + (-1,)) for i in layout.full], -1)
+
+
+def _unravel_full(out: list, flat: jax.Array, layout: lo.Layout,
+                  dtypes: list[Any], lead: tuple[int, ...] = ()) -> None:
+  offset = 0
+  for i in layout.full:
+    size = math.prod(layout.shapes[i])
+    out[i] = flat[..., offset:offset + size].reshape(
+        lead + layout.shapes[i]).astype(dtypes[i])
+    offset += size
+
+
+def _draw(post: FooVBPosterior, layout: lo.Layout, noise_key: jax.Array,
+          num_samples: int) -> PyTree:
+  """K samples of the posterior, stacked on a leading axis of every leaf."""
+  mean_leaves, treedef = jax.tree.flatten(post.mean)
+  std_leaves = treedef.flatten_up_to(post.std)
+  dtypes = [m.dtype for m in mean_leaves]
+  lead = (num_samples,)
+  out: list[Any] = [None] * len(mean_leaves)
+  for i, kind in enumerate(layout.kinds):
+    m = mean_leaves[i]
+    if kind == lo.FIXED:
+      out[i] = jnp.broadcast_to(m, lead + m.shape)
+    elif kind == lo.DIAG:
+      s = std_leaves[i]
+      eps = _normal(noise_key, i, num_samples, m.shape, s.dtype)
+      out[i] = (m.astype(s.dtype) + s * eps).astype(m.dtype)
+  for g in layout.groups:
+    fac = post.kron[g.name]
+    mat = _group_matrix(mean_leaves, g, fac.a.dtype)
+    phi = _normal(noise_key, g.kernel, num_samples, (g.rows, g.cols), fac.a.dtype)
+    _scatter_group(out, kr.kron_sample(mat, fac.a, fac.b, phi), g, dtypes, lead)
+  if layout.full:
+    mu = _ravel_full(mean_leaves, layout, post.scale.dtype)
+    eps = _normal(noise_key, len(mean_leaves), num_samples, mu.shape,
+                  post.scale.dtype)
+    _unravel_full(out, mu + eps @ post.scale.T, layout, dtypes, lead)
+  return treedef.unflatten(out)
+
+
+# ----------------------------------------------------------------------------
+# Finding the state inside a chain.
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, FooVBState)
+
+
+def find_foovb_state(opt_state: PyTree) -> FooVBState:
+  """Returns the (single) :class:`FooVBState` inside ``opt_state``.
+
+  ``opt_state`` may be the state of :func:`foovb` itself or of any optax
+  combinator containing it (``optax.chain``, ``optax.masked`` ...).
+
+  Args:
+    opt_state: an optax state.
+
+  Returns:
+    The FOO-VB state.
+
+  Raises:
+    ValueError: there is no FOO-VB state, or more than one.
+
+  Example:
+    >>> tx = optax.chain(foovb(num_samples=2), optax.identity())
+    >>> find_foovb_state(tx.init({"w": jnp.zeros(3)})).count
+    Array(0, dtype=int32)
+  """
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state)
+           if _is_state(x)]
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one FOO-VB state (FooVBState) in opt_state, found "
+        f"{len(found)}; pass the state returned by tx.init/tx.update of a "
+        f"transformation containing sparse_jax.foovb once.")
+  return found[0]
+
+
+def _replace_state(opt_state: PyTree, new: FooVBState) -> PyTree:
+  return jax.tree.map(lambda x: new if _is_state(x) else x, opt_state,
+                      is_leaf=_is_state)
+
+
+def foovb_sample(opt_state: PyTree, num_samples: int) -> PyTree:
+  """Draws K parameter samples from the FOO-VB posterior held in ``opt_state``.
+
+  The samples are exactly the points at which the next ``update`` expects its
+  K gradients: the update regenerates the same noise from the same key. The
+  state is not changed (call it again and you get the same samples).
+
+  Args:
+    opt_state: the state of :func:`foovb`, or of a chain containing it.
+    num_samples: K, a Python int (the transform's ``num_samples`` for
+      training; any K for prediction).
+
+  Returns:
+    A tree like params whose leaves have a leading axis of size K.
+
+  Example:
+    >>> tx = foovb(num_samples=4, init_std=0.1)
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> foovb_sample(state, 4)["w"].shape
+    (4, 3)
+
+  References:
+    https://arxiv.org/abs/2010.00373
+  """
+  k = _positive_int(num_samples, "num_samples")
+  return _sample_state(find_foovb_state(opt_state), k)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _sample_state(state: FooVBState, num_samples: int) -> PyTree:
+  # Jitted so that eager use compiles once per (tree structure, K) instead of
+  # once per small op; under an outer jit it is simply inlined.
+  noise_key = jax.random.split(state.key)[0]
+  return _draw(state.posterior, state.layout, noise_key, num_samples)
+
+
+def foovb_set_mean(opt_state: PyTree, mean: PyTree) -> PyTree:
+  """Returns ``opt_state`` with the FOO-VB posterior mean replaced by ``mean``.
+
+  Use it after ``optax.apply_updates`` when a later transform in the chain
+  changed the updates (a projection onto a sparsity mask, or an optimizer
+  stepping the leaves outside ``mask``), so that the params you hold become
+  the posterior mean: the next samples are drawn around them and the next
+  update starts from them.
+
+  Args:
+    opt_state: the state of :func:`foovb`, or of a chain containing it.
+    mean: a tree like params.
+
+  Returns:
+    The new optax state (same structure).
+
+  Example:
+    >>> tx = foovb(num_samples=2)
+    >>> state = foovb_set_mean(tx.init({"w": jnp.zeros(2)}), {"w": jnp.ones(2)})
+    >>> find_foovb_state(state).mean["w"]
+    Array([1., 1.], dtype=float32)
+  """
+  state = find_foovb_state(opt_state)
+  old, treedef = jax.tree.flatten(state.mean)
+  new_with_path, new_def = jax.tree_util.tree_flatten_with_path(mean)
+  if new_def != treedef:
+    raise ValueError(f"foovb_set_mean: mean must have the params' structure "
+                     f"{treedef}, got {new_def}.")
+  leaves = []
+  for (path, x), o in zip(new_with_path, old):
+    if jnp.shape(x) != o.shape:
+      raise ValueError(f"foovb_set_mean: {lo.path_string(path)} has shape "
+                       f"{jnp.shape(x)}, the posterior mean has {o.shape}.")
+    leaves.append(jnp.asarray(x, o.dtype))
+  return _replace_state(opt_state,
+                        state._replace(mean=treedef.unflatten(leaves)))
+
+
+def foovb_std(opt_state: PyTree) -> PyTree:
+  """Marginal posterior standard deviation of every parameter, like params.
+
+  Diagonal leaves: their std. Kronecker groups: ``sqrt(diag(A A^T)_i
+  diag(B B^T)_j)``. Full: ``sqrt(diag(L L^T))``. Fixed leaves: 0.
+
+  Args:
+    opt_state: the state of :func:`foovb`, or of a chain containing it.
+
+  Returns:
+    A tree like params.
+
+  Example:
+    >>> tx = foovb(init_std=0.03)
+    >>> foovb_std(tx.init({"w": jnp.zeros(2)}))["w"]
+    Array([0.03, 0.03], dtype=float32)
+  """
+  state = find_foovb_state(opt_state)
+  layout = state.layout
+  mean_leaves, treedef = jax.tree.flatten(state.mean)
+  std_leaves = treedef.flatten_up_to(state.std)
+  dtypes = [m.dtype for m in mean_leaves]
+  out: list[Any] = [None] * len(mean_leaves)
+  for i, kind in enumerate(layout.kinds):
+    if kind == lo.FIXED:
+      out[i] = jnp.zeros_like(mean_leaves[i])
+    elif kind == lo.DIAG:
+      out[i] = std_leaves[i].astype(dtypes[i])
+  for g in layout.groups:
+    fac = state.kron[g.name]
+    row = jnp.sum(fac.a * fac.a, axis=1)
+    col = jnp.sum(fac.b * fac.b, axis=1)
+    _scatter_group(out, jnp.sqrt(row[:, None] * col[None, :]), g, dtypes)
+  if layout.full:
+    _unravel_full(out, jnp.sqrt(jnp.sum(state.scale ** 2, axis=1)), layout,
+                  dtypes)
+  return treedef.unflatten(out)
+
+
+# ----------------------------------------------------------------------------
+# The transformation.
+
+
+def foovb(
+    *,
+    covariance: str = "diagonal",
+    eta: float = 1.0,
+    init_std: float = 0.05,
+    num_samples: int = 10,
+    key: int | ArrayLike = 0,
+    loss: str = "sum",
+    batch_size: int | None = None,
+    mask: lo.Filter = None,
+    kron_filter: lo.Filter = None,
+    kron_init: str = "alpha_split",
+    alpha: float = 0.5,
+    damping: float = 1.0,
+    fixed_point_iterations: int = 1,
+    forgetting: float = 0.0,
+    dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """FOO-VB: online variational Bayes with fixed-point updates, as an optax transform.
+
+  Keeps a Gaussian posterior over the parameters and moves it with the
+  closed-form fixed-point equations of Zeno et al. (2021) from K gradients taken
+  at K posterior samples (:func:`foovb_sample`):
+
+  * ``"diagonal"`` (= BGD): ``mu <- mu - eta sigma^2 gbar``; ``sigma <-
+    sigma sqrt(1 + x^2) - sigma x``, ``x = sigma geps / 2``, with ``gbar =
+    mean_k g_k``, ``geps = mean_k g_k eps_k`` (computed stably:
+    :func:`~sparse_jax.bayes.fixed_point.diagonal_std_update`).
+  * ``"kron"``: a matrix-variate Gaussian per Dense/Conv kernel, ``W = M + A
+    Phi B^T`` in the Flax ``(in, out)`` layout (Conv ``(H, W, in, out)`` read as
+    ``(H*W*in, out)``), the layer's sibling ``bias`` leaf joined as an extra
+    input row; all other Bayesian leaves (norm scales, lone biases,
+    embeddings) diagonal. Updates derived in :mod:`sparse_jax.bayes.kronecker`.
+  * ``"full"``: one covariance ``L L^T`` over all Bayesian parameters
+    flattened in tree order; ``mu <- mu - eta V gbar``, ``L <- X`` solving ``X
+    X^T + V E X^T - V = 0`` in closed form
+    (:func:`~sparse_jax.bayes.fixed_point.solve_fixed_point`). Small models
+    only (the exact reference for the others).
+
+  ``update(grads, state, params)`` expects ``grads`` like params with a leading
+  axis of size ``num_samples``: the gradients at the samples of
+  :func:`foovb_sample`. It returns ``new_mean - params`` (see the module
+  docstring for where the mean lives). Leaves outside ``mask`` are point
+  estimates: never perturbed; their update is the mean of their K gradients
+  (as given, not a step), for a later transform such as
+  ``optax.masked(optax.adam(1e-3), not_mask)``, followed by
+  :func:`foovb_set_mean`.
+
+  Options the papers lack:
+
+  * ``fixed_point_iterations=n``: each batch is meant to be fed n times in a
+    row (each time with fresh samples from the current iterate); the prior of
+    all n updates is the posterior at the start of the batch (held in
+    ``state.anchor``), so the updates iterate the batch's fixed-point map
+    towards its fixed point instead of taking one step.
+  * ``damping=w`` in (0, 1]: relaxation of each fixed-point step, ``q <- (1 -
+    w) q + w F(q)`` (mean; covariance mixed as covariances). Use ``w < 1``
+    with several iterations when a batch carries much information (spectral
+    radius of ``Sigma H_batch`` > 1 makes the single step unstable).
+  * ``forgetting=g`` in [0, 1]: after each update the covariance is mixed
+    with the initial one, ``Sigma <- (1 - g) Sigma + g Sigma_0`` (a diffusion
+    that keeps long streams plastic; the variance otherwise only shrinks).
+
+  Args:
+    covariance: ``"diagonal"``, ``"kron"`` or ``"full"``.
+    eta: step size on the mean (1 in the papers; 1-10 for BGD).
+    init_std: initial posterior std of every Bayesian parameter (diagonal
+      leaves, "full", and Kronecker groups with ``kron_init="std"``, where ``A
+      = B = sqrt(init_std) I``).
+    num_samples: K, the number of Monte-Carlo samples per update.
+    key: int seed or PRNG key of the sampling noise.
+    loss: ``"sum"`` (default, as in the papers): grads are those of the
+      SUMMED batch loss; ``"mean"``: grads of the batch-mean loss, multiplied
+      by the batch size (``batch_size`` here, or ``update(...,
+      batch_size=n)``, which wins).
+    batch_size: the batch size for ``loss="mean"``.
+    mask: which leaves are Bayesian, optax style (pytree of bools or callable
+      params -> pytree); default all.
+    kron_filter: with ``"kron"``: which leaves get Kronecker factors (default:
+      leaves named ``kernel`` with >= 2 axes). A selected leaf that is not a
+      matrix raises.
+    kron_init: ``"alpha_split"`` (the paper: ``A = B = (2 (1 - alpha) /
+      (fan_in + 2))^(1/4) I``; draw the mean with :func:`alpha_split_init`) or
+      ``"std"``.
+    alpha: the split of ``kron_init="alpha_split"``, in (0, 1).
+    damping: fixed-point relaxation in (0, 1].
+    fixed_point_iterations: updates per batch (see above), >= 1.
+    forgetting: covariance diffusion towards the initial one, in [0, 1].
+    dtype: dtype of the covariance parameters and of their matrix solves
+      (default: the params' dtype); e.g. ``jnp.float64`` under
+      ``jax.enable_x64`` like the reference implementation's solves.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`FooVBState`.
+
+  Example:
+    >>> params = {"w": jnp.zeros(3)}
+    >>> tx = foovb(num_samples=4, init_std=0.1)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+    >>> samples = foovb_sample(state, 4)
+    >>> grads = jax.vmap(jax.grad(loss))(samples)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params["w"].shape
+    (3,)
+
+  References:
+    Zeno et al., "Task Agnostic Continual Learning Using Online Variational
+    Bayes with Fixed-Point Updates", https://arxiv.org/abs/2010.00373;
+    Zeno et al., "Bayesian Gradient Descent", https://arxiv.org/abs/1803.10123
+  """
+  if covariance not in ("diagonal", "kron", "full"):
+    raise ValueError(f"foovb: covariance must be 'diagonal', 'kron' or 'full', "
+                     f"got {covariance!r}.")
+  eta = _positive_float(eta, "eta", allow_zero=True)
+  init_std = _positive_float(init_std, "init_std")
+  num_samples = _positive_int(num_samples, "num_samples")
+  if loss not in ("sum", "mean"):
+    raise ValueError(f"foovb: loss must be 'sum' (gradients of the summed batch "
+                     f"loss) or 'mean' (of the mean loss; needs batch_size), got "
+                     f"{loss!r}.")
+  if batch_size is not None:
+    batch_size = _positive_int(batch_size, "batch_size")
+  if kron_init not in ("alpha_split", "std"):
+    raise ValueError(f"foovb: kron_init must be 'alpha_split' or 'std', got "
+                     f"{kron_init!r}.")
+  alpha = float(alpha)
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"foovb: alpha must be in (0, 1), got alpha={alpha}.")
+  damping = _positive_float(damping, "damping")
+  if damping > 1.0:
+    raise ValueError(f"foovb: damping must be in (0, 1], got damping={damping}.")
+  fixed_point_iterations = _positive_int(fixed_point_iterations,
+                                         "fixed_point_iterations")
+  forgetting = _positive_float(forgetting, "forgetting", allow_zero=True)
+  if forgetting > 1.0:
+    raise ValueError(f"foovb: forgetting must be in [0, 1], got "
+                     f"forgetting={forgetting}.")
+  init_key = _as_key(key)
+  init_var = init_std ** 2
+
+  def group_scale(g: lo.KronGroup) -> float:
+    if kron_init == "alpha_split":
+      return kr.alpha_split_scale(g.fan_in, alpha)
+    return math.sqrt(init_std)
+
+  def cov_dtype(x_dtype: Any) -> Any:
+    return jnp.dtype(dtype) if dtype is not None else x_dtype
+
+  def init_fn(params: PyTree) -> FooVBState:
+    layout = lo.build_layout(params, covariance, mask=mask,
+                             kron_filter=kron_filter)
+    leaves, treedef = jax.tree.flatten(params)
+    std = []
+    for i, x in enumerate(leaves):
+      x = jnp.asarray(x)
+      if layout.kinds[i] == lo.DIAG:
+        std.append(jnp.full(x.shape, init_std, cov_dtype(x.dtype)))
+      else:
+        std.append(jnp.zeros((0,), cov_dtype(x.dtype)))
+    kron = {}
+    for g in layout.groups:
+      d = cov_dtype(jnp.asarray(leaves[g.kernel]).dtype)
+      c = group_scale(g)
+      kron[g.name] = KronFactors(a=c * jnp.eye(g.rows, dtype=d),
+                                 b=c * jnp.eye(g.cols, dtype=d))
+    scale = None
+    if layout.full:
+      size = layout.full_size
+      if size > MAX_FULL_SIZE:
+        raise ValueError(
+            f"foovb(covariance='full'): the Bayesian params have {size} entries; "
+            f"a full covariance needs a {size} x {size} factor and its SVD per "
+            f"step (limit {MAX_FULL_SIZE}). Use 'kron' or 'diagonal', or "
+            f"restrict mask.")
+      d = cov_dtype(jnp.result_type(*[leaves[i] for i in layout.full]))
+      scale = init_std * jnp.eye(size, dtype=d)
+    mean = treedef.unflatten([jnp.asarray(x) for x in leaves])
+    post = FooVBPosterior(mean=mean, std=treedef.unflatten(std), kron=kron,
+                          scale=scale)
+    anchor = post if fixed_point_iterations > 1 else None
+    return FooVBState(count=jnp.zeros((), jnp.int32), key=init_key,
+                      mean=mean, std=post.std, kron=kron, scale=scale,
+                      anchor=anchor, layout=layout)
+
+  def check_grads(grads: PyTree, state: FooVBState) -> list[jax.Array]:
+    mean_leaves, treedef = jax.tree.flatten(state.mean)
+    g_with_path, g_def = jax.tree_util.tree_flatten_with_path(grads)
+    if g_def != treedef:
+      raise ValueError(
+          f"foovb: the gradients must be a tree like params with a leading "
+          f"sample axis; their structure {g_def} differs from the params' "
+          f"{treedef}.")
+    out = []
+    for (path, g), m in zip(g_with_path, mean_leaves):
+      want = (num_samples,) + m.shape
+      if jnp.shape(g) != want:
+        hint = ""
+        if jnp.shape(g) == m.shape:
+          hint = (" They lack the leading sample axis: take the gradient at "
+                  "each of the K samples of foovb_sample(opt_state, K) (e.g. "
+                  "jax.vmap(jax.grad(loss))(samples)).")
+        elif jnp.ndim(g) == m.ndim + 1:
+          hint = (f" The sample axis has size {jnp.shape(g)[0]}, but the "
+                  f"transform was built with num_samples={num_samples}.")
+        raise ValueError(
+            f"foovb: gradient {lo.path_string(path)} has shape {jnp.shape(g)}, "
+            f"expected (num_samples, *param_shape) = {want}.{hint}")
+      out.append(jnp.asarray(g))
+    return out
+
+  def relax_mean(cur: jax.Array, new: jax.Array) -> jax.Array:
+    return new if damping == 1.0 else cur + damping * (new - cur)
+
+  def update_fn(updates: PyTree, state: FooVBState, params: PyTree = None,
+                *, batch_size: int | None = batch_size,
+                **extra_args: Any) -> tuple[PyTree, FooVBState]:
+    del extra_args
+    layout = state.layout
+    grads = check_grads(updates, state)
+    if loss == "mean":
+      if batch_size is None:
+        raise ValueError(
+            "foovb(loss='mean') needs the batch size to turn mean-loss "
+            "gradients into summed-loss ones: pass foovb(batch_size=...) or "
+            "tx.update(..., batch_size=n).")
+      gscale = batch_size
+    else:
+      gscale = None
+    noise_key, next_key = jax.random.split(state.key)
+    cur = state.posterior
+    prior = state.anchor if state.anchor is not None else cur
+    cur_mean, treedef = jax.tree.flatten(cur.mean)
+    prior_mean = treedef.flatten_up_to(prior.mean)
+    cur_std = treedef.flatten_up_to(cur.std)
+    prior_std = treedef.flatten_up_to(prior.std)
+    dtypes = [m.dtype for m in cur_mean]
+    new_mean = list(cur_mean)
+    new_std = list(cur_std)
+    out: list[Any] = [None] * len(cur_mean)
+
+    def scaled(g: jax.Array, d: Any) -> jax.Array:
+      g = g.astype(d)
+      return g * gscale if gscale is not None else g
+
+    for i, kind in enumerate(layout.kinds):
+      if kind == lo.FIXED:
+        out[i] = _sample_mean(grads[i]).astype(dtypes[i])
+      elif kind == lo.DIAG:
+        s_cur, s0 = cur_std[i], prior_std[i]
+        d = s_cur.dtype
+        g = scaled(grads[i], d)
+        eps = _normal(noise_key, i, num_samples, s_cur.shape, d)
+        gbar = _sample_mean(g)
+        geps = _sample_mean(g * eps)
+        m0 = prior_mean[i].astype(d)
+        m_new = relax_mean(cur_mean[i].astype(d), m0 - eta * (s0 * s0) * gbar)
+        s_new = fp.diagonal_std_update(s0, geps)
+        if damping != 1.0:
+          s_new = fp.mix_std(s_cur, s_new * s_new, damping)
+        if forgetting:
+          s_new = fp.mix_std(s_new, init_var, forgetting)
+        new_mean[i] = m_new.astype(dtypes[i])
+        new_std[i] = s_new
+
+    new_kron = {}
+    for g in layout.groups:
+      fac, fac0 = cur.kron[g.name], prior.kron[g.name]
+      d = fac.a.dtype
+      psi = scaled(_group_matrix(grads, g, d, (num_samples,)), d)
+      phi = _normal(noise_key, g.kernel, num_samples, (g.rows, g.cols), d)
+      psi_bar, e_a, e_b = kr.kron_statistics(psi, phi, fac.a, fac.b)
+      m0 = _group_matrix(prior_mean, g, d)
+      m_new = kr.kron_mean_step(m0, fac0.a, fac0.b, psi_bar, eta)
+      m_new = relax_mean(_group_matrix(cur_mean, g, d), m_new)
+      a_new = fp.solve_fixed_point(fac0.a @ fac0.a.T, e_a)
+      b_new = fp.solve_fixed_point(fac0.b @ fac0.b.T, e_b)
+      if damping != 1.0:
+        a_new = fp.mix_scale(fac.a, a_new @ a_new.T, damping)
+        b_new = fp.mix_scale(fac.b, b_new @ b_new.T, damping)
+      if forgetting:
+        c2 = group_scale(g) ** 2
+        a_new = fp.mix_scale(a_new, c2 * jnp.eye(g.rows, dtype=d), forgetting)
+        b_new = fp.mix_scale(b_new, c2 * jnp.eye(g.cols, dtype=d), forgetting)
+      _scatter_group(new_mean, m_new, g, dtypes)
+      new_kron[g.name] = KronFactors(a=a_new, b=b_new)
+
+    new_scale = cur.scale
+    if layout.full:
+      d = cur.scale.dtype
+      gmat = scaled(_ravel_full(grads, layout, d, (num_samples,)), d)  # (K, D)
+      eps = _normal(noise_key, len(cur_mean), num_samples, (gmat.shape[1],), d)
+      gbar = _sample_mean(gmat)
+      e = gmat.T @ eps / num_samples
+      v0 = prior.scale @ prior.scale.T
+      m_new = _ravel_full(prior_mean, layout, d) - eta * (v0 @ gbar)
+      m_new = relax_mean(_ravel_full(cur_mean, layout, d), m_new)
+      new_scale = fp.solve_fixed_point(v0, e)
+      if damping != 1.0:
+        new_scale = fp.mix_scale(cur.scale, new_scale @ new_scale.T, damping)
+      if forgetting:
+        new_scale = fp.mix_scale(new_scale, init_var * jnp.eye(
+            new_scale.shape[0], dtype=d), forgetting)
+      _unravel_full(new_mean, m_new, layout, dtypes)
+
+    if params is None:
+      base = cur_mean
+    else:
+      base, p_def = jax.tree.flatten(params)
+      if p_def != treedef:
+        raise ValueError(f"foovb: params structure {p_def} differs from the "
+                         f"one the state was initialised with, {treedef}.")
+    for i, kind in enumerate(layout.kinds):
+      if kind != lo.FIXED:
+        out[i] = (new_mean[i] - jnp.asarray(base[i], dtypes[i])).astype(dtypes[i])
+
+    post = FooVBPosterior(mean=treedef.unflatten(new_mean),
+                          std=treedef.unflatten(new_std), kron=new_kron,
+                          scale=new_scale)
+    count = state.count + 1
+    anchor = None
+    if state.anchor is not None:
+      done = (count % fixed_point_iterations) == 0
+      anchor = jax.tree.map(lambda n, o: jnp.where(done, n, o), post,
+                            state.anchor)
+    new_state = FooVBState(count=count, key=next_key, mean=post.mean,
+                           std=post.std, kron=post.kron, scale=post.scale,
+                           anchor=anchor, layout=layout)
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def alpha_split_init(params: PyTree, key: int | ArrayLike, *, alpha: float = 0.5,
+                     mask: lo.Filter = None,
+                     kron_filter: lo.Filter = None) -> PyTree:
+  """Redraws the Kronecker groups' kernels and biases as in the paper's init.
+
+  Each entry of a group (kernel and joined bias) becomes ``N(0, 2 alpha /
+  (fan_in + 2))``; together with ``foovb(covariance="kron",
+  kron_init="alpha_split", alpha=alpha)`` (posterior variance ``2 (1 - alpha) /
+  (fan_in + 2)``) the prior variance of a weight is ``2 / (fan_in + 2)``. Other
+  leaves are returned unchanged. Call it before ``tx.init``.
+
+  Args:
+    params: the params tree.
+    key: int seed or PRNG key.
+    alpha: the split, in (0, 1).
+    mask: as in :func:`foovb`.
+    kron_filter: as in :func:`foovb`.
+
+  Returns:
+    A new params tree.
+
+  Example:
+    >>> p = alpha_split_init({"d": {"kernel": jnp.zeros((98, 50)), "bias": jnp.zeros(50)}}, 0)
+    >>> round(float(p["d"]["kernel"].std()), 2)
+    0.1
+
+  References:
+    https://arxiv.org/abs/2010.00373 (experiments: initialisation)
+  """
+  alpha = float(alpha)
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha_split_init: alpha must be in (0, 1), got {alpha}.")
+  layout = lo.build_layout(params, "kron", mask=mask, kron_filter=kron_filter)
+  leaves, treedef = jax.tree.flatten(params)
+  leaves = [jnp.asarray(x) for x in leaves]
+  key = _as_key(key)
+  dtypes = [x.dtype for x in leaves]
+  for g in layout.groups:
+    std = math.sqrt(2.0 * alpha / (g.fan_in + 2.0))
+    mat = std * jax.random.normal(jax.random.fold_in(key, g.kernel),
+                                  (g.rows, g.cols), jnp.float32)
+    _scatter_group(leaves, mat, g, dtypes)
+  return treedef.unflatten(leaves)

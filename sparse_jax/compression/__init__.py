@@ -1,0 +1,45 @@
+"""Gradient compression with error feedback, and its data-parallel exchange.
+
+Compressors (pure functions on one array, static-size compressed form):
+:func:`top_k`, :func:`rand_k`, :func:`threshold`, :func:`lognormal`,
+:func:`nm`. The optax transform :func:`error_feedback` (EF / EF21 / DGC /
+none) compresses the gradients, keeps the residuals in its state and, with
+``axis_name`` inside ``jax.shard_map``, exchanges the compressed tensors with
+``all_gather`` + scatter-add. :func:`make_data_parallel_step` builds the
+jitted data-parallel train step; :mod:`~sparse_jax.compression.wire` counts
+the bytes on the wire (analytically and from the compiled HLO);
+:func:`initialize_distributed` sets up several processes.
+"""
+
+from sparse_jax.compression.compressors import Compressed
+from sparse_jax.compression.compressors import Compressor
+from sparse_jax.compression.compressors import kept_count
+from sparse_jax.compression.compressors import lognormal
+from sparse_jax.compression.compressors import nm
+from sparse_jax.compression.compressors import rand_k
+from sparse_jax.compression.compressors import threshold
+from sparse_jax.compression.compressors import top_k
+from sparse_jax.compression.data_parallel import DataParallelStep
+from sparse_jax.compression.data_parallel import make_data_parallel_step
+from sparse_jax.compression.distributed import initialize_distributed
+from sparse_jax.compression.error_feedback import ErrorFeedbackState
+from sparse_jax.compression.error_feedback import VARIANTS
+from sparse_jax.compression.error_feedback import WorkerLocal
+from sparse_jax.compression.error_feedback import error_feedback
+from sparse_jax.compression.lognormal_model import fit_lognormal
+from sparse_jax.compression.lognormal_model import lognormal_threshold
+from sparse_jax.compression.selection import select_above
+from sparse_jax.compression.selection import top_k_indices
+from sparse_jax.compression.wire import WireBytes
+from sparse_jax.compression.wire import exchange_bytes
+from sparse_jax.compression.wire import hlo_collectives
+from sparse_jax.compression.wire import hlo_wire_bytes
+
+__all__ = [
+    "Compressed", "Compressor", "DataParallelStep", "ErrorFeedbackState",
+    "VARIANTS", "WireBytes", "WorkerLocal", "error_feedback", "exchange_bytes",
+    "fit_lognormal", "hlo_collectives", "hlo_wire_bytes",
+    "initialize_distributed", "kept_count", "lognormal", "lognormal_threshold",
+    "make_data_parallel_step", "nm", "rand_k", "select_above", "threshold",
+    "top_k", "top_k_indices",
+]
