@@ -4,8 +4,9 @@
         --seeds=0,1,2 --workdir=workdirs/sweep
 
 ``--variants`` is a ``;``-separated list of config args (each itself a comma-separated
-list of variants, as after the ``:`` of ``--config``); ``--base`` is prepended to every
-one (e.g. ``--base=smoke`` for a quick check). Completed runs are skipped on rerun.
+list of variants, as after the ``:`` of ``--config``); without it, the config file's
+``SWEEP = dict(variants=[...], seeds=[...])`` is used. ``--base`` is prepended to every
+variant (e.g. ``--base=smoke`` for a quick check). Completed runs are skipped on rerun.
 Writes ``workdir/sweep.json`` and ``workdir/sweep.md``.
 """
 
@@ -25,23 +26,27 @@ from sparse_jax.training.sweep import run_sweep  # noqa: E402
 _CONFIG = flags.DEFINE_string("config", None, "Config file (configs/*.py).")
 _VARIANTS = flags.DEFINE_string("variants", "", "';'-separated config args.")
 _BASE = flags.DEFINE_string("base", "", "Config arg prepended to every variant.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the config's SWEEP, or 0,1,2).")
 _METRICS = flags.DEFINE_list("metrics", ["test_accuracy"], "Result keys to tabulate.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def load_get_config(path: str):
+def load_config_module(path: str):
   spec = importlib.util.spec_from_file_location("_sweep_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config
+  return module
 
 
 def main(argv):
   del argv
-  get_config = load_get_config(_CONFIG.value)
-  variants = _VARIANTS.value.split(";")
+  module = load_config_module(_CONFIG.value)
+  get_config = module.get_config
+  defaults = getattr(module, "SWEEP", {})
+  variants = (_VARIANTS.value.split(";") if _VARIANTS.value
+              else list(defaults.get("variants", [""])))
+  seeds = _SEEDS.value if _SEEDS.value is not None else defaults.get("seeds", [0, 1, 2])
 
   def make_config(variant):
     arg = ",".join(filter(None, [_BASE.value, variant]))
@@ -49,7 +54,7 @@ def main(argv):
     config.lock()
     return config
 
-  run_sweep(make_config, variants, [int(s) for s in _SEEDS.value], _WORKDIR.value,
+  run_sweep(make_config, variants, [int(s) for s in seeds], _WORKDIR.value,
             run=run_experiment, metrics=_METRICS.value,
             percent=[m for m in _METRICS.value if "accuracy" in m])
 

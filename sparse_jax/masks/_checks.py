@@ -73,6 +73,8 @@ def magnitude_key(w: jax.Array) -> jax.Array:
   """|w| with NaN mapped to -1, so NaN ranks below every number (even 0)."""
   if jnp.issubdtype(w.dtype, jnp.bool_):
     return w.astype(jnp.int8)
+  if w.dtype in (jnp.bfloat16, jnp.float16):
+    w = w.astype(jnp.float32)  # exact; CPUs compare f32 much faster
   a = jnp.abs(w)
   if jnp.issubdtype(w.dtype, jnp.inexact):
     a = jnp.where(jnp.isnan(a), jnp.asarray(-1, a.dtype), a)

@@ -45,8 +45,8 @@ def nm_mask(w: jax.typing.ArrayLike, n, m: int, *, axis: int = -2) -> jax.Array:
   group has fewer than ``n`` non-NaN entries); +-inf ranks highest.
 
   The kernel is fused and sort-free: ``rank_i = #{j : |w_j| > |w_i| or
-  (|w_j| == |w_i| and j < i)}`` over the ``m(m-1)/2`` pairs of each group, and
-  entry ``i`` is kept iff ``rank_i < n``; it costs about one elementwise pass.
+  (|w_j| == |w_i| and j < i)}`` over the ``m^2`` pairs of each group, and entry
+  ``i`` is kept iff ``rank_i < n``; it costs about one elementwise pass.
 
   Args:
     w: real array (bf16, f16, f32, f64 or integer), any shape.
@@ -79,10 +79,17 @@ def nm_mask(w: jax.typing.ArrayLike, n, m: int, *, axis: int = -2) -> jax.Array:
     https://arxiv.org/abs/2104.08378.
   """
   w = jnp.asarray(w)
+  n, m, axis = _validate(w, n, m, axis)
+  if isinstance(n, int) and n == m:
+    return jnp.ones(w.shape, dtype=bool)
+  return _keep(w, n, m, axis).reshape(w.shape)
+
+
+def _validate(w: jax.Array, n, m, axis) -> tuple:
   _checks.check_float_like(w)
   if w.ndim == 0:
-    raise ValueError("nm_mask needs an array with at least one dimension, got "
-                     "a scalar.")
+    raise ValueError("N:M masks need an array with at least one dimension, "
+                     "got a scalar.")
   if _checks.is_static_int(n):
     n, m = _checks.check_nm(n, m)
   else:
@@ -90,24 +97,22 @@ def nm_mask(w: jax.typing.ArrayLike, n, m: int, *, axis: int = -2) -> jax.Array:
     n = _checks.check_traced_n(n)
   axis = _checks.normalize_axis(axis, w.ndim)
   _check_axis_size(w, m, axis)
-  if isinstance(n, int) and n == m:
-    return jnp.ones(w.shape, dtype=bool)
+  return n, m, axis
 
+
+def _keep(w: jax.Array, n, m: int, axis: int) -> jax.Array:
+  """The kept-entry mask in the grouped layout ``(..., size // m, m, ...)``."""
   key = _grouped(_checks.magnitude_key(w), m, axis)
-  parts = [lax.index_in_dim(key, i, axis + 1, keepdims=False) for i in range(m)]
-  # beaten[i] counts the entries of the group that rank above entry i.
-  beaten = [None] * m
-  for i in range(m):
-    for j in range(i + 1, m):
-      i_wins = parts[i] >= parts[j]  # lower index wins ties
-      j_up = i_wins.astype(jnp.int32)
-      i_up = 1 - j_up
-      beaten[j] = j_up if beaten[j] is None else beaten[j] + j_up
-      beaten[i] = i_up if beaten[i] is None else beaten[i] + i_up
-  if m == 1:
-    beaten = [jnp.zeros(parts[0].shape, jnp.int32)]
-  keep = [b < n for b in beaten]
-  return jnp.stack(keep, axis=axis + 1).reshape(w.shape)
+  g = axis + 1  # the within-group index
+  k_other = jnp.expand_dims(key, g + 1)  # entry j along axis g
+  k_self = jnp.expand_dims(key, g)       # entry i along axis g + 1
+  tail = (1,) * (key.ndim - g - 1)
+  j = jnp.arange(m).reshape((m, 1) + tail)
+  i = jnp.arange(m).reshape((1, m) + tail)
+  # j ranks above i: larger |w|, or equal |w| and a lower index.
+  above = (k_other > k_self) | ((k_other == k_self) & (j < i))
+  rank = jnp.sum(above, axis=g, dtype=jnp.int32)
+  return rank < n
 
 
 def nm_prune(w: jax.typing.ArrayLike, n, m: int, *,
@@ -133,7 +138,13 @@ def nm_prune(w: jax.typing.ArrayLike, n, m: int, *,
     Zhou et al., ICLR 2021, https://arxiv.org/abs/2102.04010.
   """
   w = jnp.asarray(w)
-  return jnp.where(nm_mask(w, n, m, axis=axis), w, jnp.zeros((), w.dtype))
+  n, m, axis = _validate(w, n, m, axis)
+  if isinstance(n, int) and n == m:
+    return w
+  # select in the grouped layout: XLA fuses it all into one pass.
+  out = jnp.where(_keep(w, n, m, axis), _grouped(w, m, axis),
+                  jnp.zeros((), w.dtype))
+  return out.reshape(w.shape)
 
 
 def is_nm_sparse(x: jax.typing.ArrayLike, n, m: int, *,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from sparse_jax.training import transforms as _transforms  # registers names
 from sparse_jax.training.continual import run_continual
+from sparse_jax.training.conversion import run_conversion
 from sparse_jax.training.loop import STEP_BUILDERS, train_and_evaluate
 from sparse_jax.training.optim import (TRANSFORMS, BuildContext, build_optimizer,
                                        make_schedule, register_transform)
@@ -16,7 +18,8 @@ from sparse_jax.training.steps import (TrainState, evaluate, init_train_state,
                                        make_eval_step, make_standard_step, split_model)
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "supervised": train_and_evaluate, "continual": run_continual}
+    "supervised": train_and_evaluate, "continual": run_continual,
+    "convert": run_conversion}
 
 
 def run_experiment(config, workdir: str, **kwargs) -> dict[str, Any]:
@@ -30,4 +33,4 @@ def run_experiment(config, workdir: str, **kwargs) -> dict[str, Any]:
 __all__ = ["BuildContext", "RUNNERS", "STEP_BUILDERS", "TRANSFORMS", "TrainState",
            "build_optimizer", "evaluate", "init_train_state", "make_eval_step",
            "make_schedule", "make_standard_step", "register_transform",
-           "run_continual", "run_experiment", "split_model", "train_and_evaluate"]
+           "run_continual", "run_conversion", "run_experiment", "split_model", "train_and_evaluate"]

@@ -82,6 +82,22 @@ def num_params(params) -> int:
   return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
+def build_run(config):
+  """Dataset, model graph, optimizer and step-0 state of a supervised config.
+
+  Returns:
+    ``(data, graphdef, tx, state)``; ``state`` is also the template to restore a
+    checkpoint of this config into.
+  """
+  data = load_dataset(config.data)
+  model_kwargs = dict(config.model)
+  model = build_model(model_kwargs.pop("name"), data.input_shape, data.num_classes,
+                      seed=config.seed, **model_kwargs)
+  graphdef, params, model_state = split_model(model)
+  tx = build_optimizer(config.optimizer, int(config.train.num_steps))
+  return data, graphdef, tx, init_train_state(params, model_state, tx)
+
+
 def train_and_evaluate(config, workdir: str, *,
                        stop_after_step: int | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
@@ -102,14 +118,7 @@ def train_and_evaluate(config, workdir: str, *,
   train_cfg = config.train
   num_steps = int(train_cfg.num_steps)
 
-  data = load_dataset(config.data)
-  model_kwargs = dict(config.model)
-  model = build_model(model_kwargs.pop("name"), data.input_shape, data.num_classes,
-                      seed=config.seed, **model_kwargs)
-  graphdef, params, model_state = split_model(model)
-  tx = build_optimizer(config.optimizer, num_steps)
-  state = init_train_state(params, model_state, tx)
-
+  data, graphdef, tx, state = build_run(config)
   ckpt = Checkpointer(workdir)
   state = ckpt.restore_latest(state)
   start = int(state.step)
@@ -123,8 +132,8 @@ def train_and_evaluate(config, workdir: str, *,
     raise ValueError(f"config.train.step={train_cfg.step!r} is not one of "
                      f"{sorted(STEP_BUILDERS)}")
   step_fn = jax.jit(builder(graphdef, tx, config), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(
-      graphdef, forward=build_forward(train_cfg.get("forward", ()))))
+  eval_step = jax.jit(make_eval_step(graphdef,
+                                     forward=build_forward(train_cfg.get("forward", ()))))
   schedule = BatchSchedule(len(data.x_train), int(train_cfg.batch_size),
                            seed=config.seed)
 
@@ -159,9 +168,13 @@ def train_and_evaluate(config, workdir: str, *,
         break
   wall = time.perf_counter() - t0
 
+  forward = build_forward(train_cfg.get("forward", ()))
+  weights = state.params if forward is None else forward(state.params)
+  nonzero = int(sum(np.count_nonzero(np.asarray(w)) for w in jax.tree.leaves(weights)))
   results: dict[str, Any] = {
       "name": config.get("name", ""), "status": status, "step": int(state.step),
       "num_steps": num_steps, "wall_s": wall, "num_params": num_params(state.params),
+      "density": nonzero / max(num_params(state.params), 1),
       "backend": jax.default_backend(),
   }
   if status == "completed":

@@ -1,0 +1,91 @@
+"""Per-layer sparsity diagnostics: achieved sparsity, kept mass, flip rate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparse_jax.sparsity import _common
+from sparse_jax.sparsity.projection import NMProjectionState
+from sparse_jax.sparsity.ste import SRSTEState
+
+_STATES = (NMProjectionState, SRSTEState)
+
+
+def find_mask_states(opt_state) -> list[Any]:
+  """Every :class:`NMProjectionState` / :class:`SRSTEState` in an opt state."""
+  nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _STATES))
+  return [x for x in nodes if isinstance(x, _STATES)]
+
+
+def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
+  """Per pruned layer: achieved sparsity, kept-magnitude ratio, flip rate.
+
+  Args:
+    params: current params.
+    opt_state: the optimizer state holding (anywhere inside, e.g. in an
+      ``optax.chain``) an :class:`NMProjectionState` or :class:`SRSTEState`.
+      With several, the first one found is used.
+
+  Returns:
+    ``{path: {"sparsity", "mask_sparsity", "kept_mass", "flip_rate"}}`` of
+    float32 scalars for each pruned leaf (path as ``jax.tree_util.keystr``)
+    and ``"all"``, their size-weighted means. ``sparsity``: fraction of exact
+    zeros in the params (the achieved sparsity; ~0 for the dense params STE
+    trains). ``mask_sparsity``: fraction of False in the mask. ``kept_mass``:
+    fraction of ``sum |w|`` the mask kept when it was last computed.
+    ``flip_rate``: fraction of mask entries changed at the last mask update.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no such state.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from sparse_jax.sparsity import nm_projection, sparsity_diagnostics
+    >>> params = {"kernel": jnp.arange(1., 9.).reshape(8, 1)}
+    >>> tx = nm_projection(1, 4)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"kernel": jnp.zeros((8, 1))}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> d = sparsity_diagnostics(params, state)
+    >>> float(d["['kernel']"]["sparsity"]), round(float(d["all"]["kept_mass"]), 3)
+    (0.75, 0.333)
+
+  References:
+    Zhou et al., ICLR 2021, https://arxiv.org/abs/2102.04010 (flip rate as a
+    training diagnostic).
+  """
+  states = find_mask_states(opt_state)
+  if not states:
+    raise ValueError("sparsity_diagnostics: opt_state holds no "
+                     "NMProjectionState or SRSTEState.")
+  state = states[0]
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  masks = jax.tree.leaves(state.masks, is_leaf=_common.is_masked_node)
+  kept = jax.tree.leaves(state.kept_mass, is_leaf=_common.is_masked_node)
+  flips = jax.tree.leaves(state.flip_rate, is_leaf=_common.is_masked_node)
+  if len(masks) != len(flat):
+    raise ValueError("sparsity_diagnostics: the state's masks do not match "
+                     "the structure of params.")
+  out = {}
+  sizes, totals = [], {k: [] for k in ("sparsity", "mask_sparsity",
+                                       "kept_mass", "flip_rate")}
+  for (path, w), mk, km, fr in zip(flat, masks, kept, flips):
+    if _common.is_masked_node(mk):
+      continue
+    row = {
+        "sparsity": jnp.mean((w == 0).astype(jnp.float32)),
+        "mask_sparsity": 1.0 - jnp.mean(mk.astype(jnp.float32)),
+        "kept_mass": jnp.asarray(km, jnp.float32),
+        "flip_rate": jnp.asarray(fr, jnp.float32),
+    }
+    out[jax.tree_util.keystr(path)] = row
+    sizes.append(w.size)
+    for k, v in row.items():
+      totals[k].append(v)
+  if sizes:
+    weights = jnp.asarray(sizes, jnp.float32) / sum(sizes)
+    out["all"] = {k: jnp.sum(weights * jnp.stack(v)) for k, v in totals.items()}
+  return out

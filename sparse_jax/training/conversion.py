@@ -1,0 +1,204 @@
+"""Convert a trained dense (or unstructured-sparse) NNX model to N:M, little or no training.
+
+Three stages (Hubara et al. 2021, "AdaPrune", arXiv:2102.08124; ALGORITHMS.md A4):
+
+1. one-shot magnitude N:M (plain or transposable) of the selected kernels;
+2. layer-wise reconstruction on a small calibration set: for every pruned Dense /
+   Conv layer, in forward order, minimise ``||X W - X (S * W')||^2`` over ``W'`` with
+   the mask ``S`` fixed, where ``X`` is the layer's input when the calibration data
+   runs through the model converted so far (so later layers correct earlier errors);
+3. BatchNorm re-estimation: the running statistics are recomputed on the calibration
+   set with the converted weights.
+
+``run_conversion(config, workdir)`` trains the dense model first (an ordinary resumable
+run in ``workdir/dense``), then reports the test accuracy after each stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from sparse_jax import sparsity
+from sparse_jax.training.checkpoint import Checkpointer
+from sparse_jax.training.loop import build_run, train_and_evaluate
+from sparse_jax.training.report import format_table
+from sparse_jax.training.steps import evaluate, make_eval_step
+
+PyTree = Any
+_LAYER_TYPES = (nnx.Linear, nnx.Conv)
+
+
+@contextlib.contextmanager
+def _record_layer_inputs(records: list):
+  """While active, every ``nnx.Linear`` / ``nnx.Conv`` call appends ``(module, x)``."""
+  originals = {cls: cls.__call__ for cls in _LAYER_TYPES}
+
+  def wrap(original):
+    def call(self, x, *args, **kwargs):
+      records.append((self, x))
+      return original(self, x, *args, **kwargs)
+    return call
+
+  for cls, original in originals.items():
+    cls.__call__ = wrap(original)
+  try:
+    yield records
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
+def layer_inputs(graphdef, params: PyTree, model_state: PyTree, x) -> list[tuple]:
+  """Inputs of every Dense / Conv layer, in call order, for inputs ``x``.
+
+  Returns:
+    ``[(path, module, inputs)]`` with ``path`` the layer's key path in ``params``
+    (its kernel is ``params[path...]["kernel"]``).
+  """
+  model = nnx.merge(graphdef, params, model_state)
+  paths = {id(node): path for path, node in nnx.iter_graph(model)
+           if isinstance(node, _LAYER_TYPES)}
+  with _record_layer_inputs([]) as records:
+    model(x, train=False)
+  return [(paths[id(module)], module, inputs) for module, inputs in records]
+
+
+def _layer_apply(module):
+  if isinstance(module, nnx.Conv):
+    return sparsity.conv_apply(strides=module.strides, padding=module.padding,
+                               feature_group_count=module.feature_group_count,
+                               kernel_dilation=module.kernel_dilation)
+  return sparsity.dense_apply
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def adaprune(graphdef, dense_params: PyTree, model_state: PyTree, x_calib,
+             masks: PyTree, *, num_steps: int = 1000, learning_rate: float = 1e-3,
+             batch_size: int = 50, seed: int = 0) -> PyTree:
+  """Layer-wise reconstruction of the masked kernels (stage 2).
+
+  Args:
+    graphdef: the model's graph (``split_model``).
+    dense_params: the trained dense params (the reconstruction targets).
+    model_state: non-trainable state (BatchNorm statistics).
+    x_calib: calibration inputs.
+    masks: the N:M masks (``nm_convert``'s second output; ``MaskedNode`` = dense).
+    num_steps, learning_rate, batch_size: Adam on each layer (the paper's defaults).
+    seed: minibatch sampling seed.
+
+  Returns:
+    The converted params: masked kernels refitted, everything else as in
+    ``dense_params``.
+  """
+  params = jax.tree.map(lambda w, mk: w if isinstance(mk, optax.MaskedNode) else w * mk,
+                        dense_params, masks,
+                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  order = [path for path, _, _ in layer_inputs(graphdef, params, model_state, x_calib)]
+  key = jax.random.key(seed)
+  for i, path in enumerate(order):
+    mask = _get(masks, path).get("kernel")
+    if mask is None or isinstance(mask, optax.MaskedNode):
+      continue
+    # Inputs of this layer through the model converted so far.
+    inputs = {tuple(p): (mod, x) for p, mod, x in
+              layer_inputs(graphdef, params, model_state, x_calib)}
+    module, x = inputs[tuple(path)]
+    w_new = sparsity.reconstruct_layer(
+        x, _get(dense_params, path)["kernel"], mask, apply_fn=_layer_apply(module),
+        num_steps=num_steps, learning_rate=learning_rate, batch_size=batch_size,
+        key=jax.random.fold_in(key, i))
+    params = copy.copy(params)
+    node = params
+    for k in path[:-1]:
+      node[k] = copy.copy(node[k])
+      node = node[k]
+    node[path[-1]] = dict(node[path[-1]], kernel=w_new)
+  return params
+
+
+def reestimate_batchnorm(graphdef, params: PyTree, model_state: PyTree, x_calib
+                         ) -> PyTree:
+  """Recomputes every BatchNorm's running mean/var on ``x_calib`` (stage 3).
+
+  Each BatchNorm's momentum is set to 0 for one train-mode forward pass over the
+  whole calibration set, so its statistics become exactly those of that set.
+  """
+  model = nnx.merge(graphdef, params, model_state)
+  norms = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)]
+  if not norms:
+    return model_state
+  momenta = [bn.momentum for bn in norms]
+  for bn in norms:
+    bn.momentum = 0.0
+  model(x_calib, train=True)
+  for bn, momentum in zip(norms, momenta):
+    bn.momentum = momentum
+  return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+
+
+def run_conversion(config, workdir: str) -> dict[str, Any]:
+  """Trains the dense model, converts it to N:M, and evaluates every stage.
+
+  ``config.convert``: ``n``, ``m``, ``transposable``, ``exclude`` (regexes of layers
+  kept dense), ``calibration_examples``, ``num_steps``, ``learning_rate``,
+  ``batch_size``, ``bn_reestimate``.
+
+  Returns:
+    Results with the test accuracy of ``dense``, ``one_shot``, ``one_shot_bn``,
+    ``reconstructed`` and ``reconstructed_bn`` (also ``workdir/results.json``).
+  """
+  conv = config.convert
+  dense_dir = os.path.join(workdir, "dense")
+  dense_results = train_and_evaluate(config, dense_dir)
+  data, graphdef, _, template = build_run(config)
+  ckpt = Checkpointer(dense_dir)
+  state = ckpt.restore_latest(template)
+  ckpt.close()
+  eval_step = jax.jit(make_eval_step(graphdef))
+  calib = data.x_train[np.random.default_rng(config.seed).permutation(
+      len(data.x_train))[:int(conv.calibration_examples)]]
+
+  def accuracy(params, model_state):
+    return evaluate(eval_step, params, model_state, data.x_test, data.y_test)["accuracy"]
+
+  mask_filter = sparsity.default_filter(conv.m, transposable=conv.transposable,
+                                        exclude=tuple(conv.exclude))
+  one_shot, masks = sparsity.nm_convert(state.params, conv.n, conv.m,
+                                        transposable=conv.transposable, mask=mask_filter)
+  stages = {"dense": accuracy(state.params, state.model_state),
+            "one_shot": accuracy(one_shot, state.model_state)}
+  stages["one_shot_bn"] = accuracy(one_shot, reestimate_batchnorm(
+      graphdef, one_shot, state.model_state, calib))
+  rebuilt = adaprune(graphdef, state.params, state.model_state, calib, masks,
+                     num_steps=int(conv.num_steps),
+                     learning_rate=float(conv.learning_rate),
+                     batch_size=int(conv.batch_size), seed=config.seed)
+  stages["reconstructed"] = accuracy(rebuilt, state.model_state)
+  stages["reconstructed_bn"] = accuracy(rebuilt, reestimate_batchnorm(
+      graphdef, rebuilt, state.model_state, calib))
+  kept = [np.asarray(mk) for mk in jax.tree.leaves(masks)]
+  results = {"name": config.get("name", ""), "status": "completed",
+             "pattern": f"{'T-' if conv.transposable else ''}{conv.n}:{conv.m}",
+             "density_pruned_layers": float(np.mean(np.concatenate(
+                 [k.ravel() for k in kept]))),
+             "dense_wall_s": dense_results.get("wall_s"),
+             **{f"test_accuracy_{k}": v for k, v in stages.items()},
+             "test_accuracy": stages["reconstructed_bn"]}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  print(format_table([{"stage": k, "test_accuracy": v} for k, v in stages.items()]))
+  return results

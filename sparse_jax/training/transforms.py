@@ -1,0 +1,57 @@
+"""Registers the library's transforms under the names configs use.
+
+Optimizer chain (``config.optimizer.pre`` / ``post``; see ``optim.build_optimizer``):
+
+- ``nm_projection``: hard N:M projection (put it in ``post``);
+- ``sr_ste``: SR-STE decay of pruned weights (``pre``; pair with ``nm_ste`` below).
+
+Forward-pass weights (``config.train.forward``):
+
+- ``nm_ste``: N:M-masked weights in the forward pass, straight-through gradient.
+
+Sparsity kwargs are those of the library functions, plus two declarative ones that
+become the optax leaf filter: ``exclude`` (regexes of leaf paths kept dense, e.g. the
+first and last layers) and ``axis_rules`` (``{regex: axis}``, e.g. ``{"query|key|value":
+0}`` for 3-D attention kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sparse_jax import sparsity
+from sparse_jax.training.optim import register_forward, register_transform
+
+
+def _sparsity_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+  kwargs = dict(kwargs)
+  exclude = tuple(kwargs.pop("exclude", ()) or ())
+  rules = dict(kwargs.pop("axis_rules", {}) or {})
+  axis = sparsity.axis_by_path(rules, default=kwargs.get("axis", -2)) if rules else \
+      kwargs.get("axis", -2)
+  kwargs["axis"] = axis
+  kwargs["mask"] = sparsity.default_filter(kwargs["m"], axis=axis,
+                                           transposable=kwargs.get("transposable", False),
+                                           exclude=exclude)
+  return kwargs
+
+
+@register_transform("nm_projection")
+def _nm_projection(ctx, **kwargs):
+  del ctx
+  kwargs = _sparsity_kwargs(kwargs)
+  return sparsity.nm_projection(kwargs.pop("n"), kwargs.pop("m"), **kwargs)
+
+
+@register_transform("sr_ste")
+def _sr_ste(ctx, **kwargs):
+  del ctx
+  kwargs = _sparsity_kwargs(kwargs)
+  return sparsity.sr_ste(kwargs.pop("n"), kwargs.pop("m"), **kwargs)
+
+
+@register_forward("nm_ste")
+def _nm_ste(**kwargs):
+  kwargs = _sparsity_kwargs(kwargs)
+  n, m = kwargs.pop("n"), kwargs.pop("m")
+  return lambda params: sparsity.nm_ste(params, n, m, **kwargs)

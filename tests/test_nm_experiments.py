@@ -1,0 +1,56 @@
+"""End-to-end N:M training through the config registry: deployed weights are N:M."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from sparse_jax.masks import is_nm_sparse, is_transposable_nm_sparse
+from sparse_jax.training.checkpoint import Checkpointer
+from sparse_jax.training.loop import build_run, train_and_evaluate
+from sparse_jax.training.optim import build_forward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _get_config(arg):
+  spec = importlib.util.spec_from_file_location(
+      "nm_teacher", os.path.join(ROOT, "configs", "nm_teacher.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.data.num_train = 2000
+  c.data.num_test = 500
+  return c
+
+
+@pytest.mark.parametrize("pattern,method", [("nm24", "proj"), ("t24", "ste"),
+                                            ("nm14", "srste"), ("t48", "proj")])
+def test_deployed_weights_are_nm(pattern, method, tmp_path):
+  config = _get_config(f"{pattern},{method},smoke")
+  results = train_and_evaluate(config, str(tmp_path))
+  n, m, transposable = {"nm24": (2, 4, False), "nm14": (1, 4, False),
+                        "t24": (2, 4, True), "t48": (4, 8, True)}[pattern]
+  _, _, _, template = build_run(config)
+  ckpt = Checkpointer(str(tmp_path))
+  state = ckpt.restore_latest(template)
+  ckpt.close()
+  forward = build_forward(config.train.forward)
+  weights = state.params if forward is None else forward(state.params)
+  for layer in weights["hidden"].values():
+    kernel = np.asarray(layer["kernel"])
+    assert bool(is_nm_sparse(kernel, n, m)), (pattern, method)
+    if transposable:
+      assert bool(is_transposable_nm_sparse(kernel, n, m))
+  # the head is excluded: dense
+  assert np.count_nonzero(np.asarray(weights["head"]["kernel"])) == weights["head"]["kernel"].size
+  kernels = sum(l["kernel"].size for l in weights["hidden"].values())
+  expected = (results["num_params"] - kernels * (1 - n / m)) / results["num_params"]
+  assert results["density"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_bad_variant_combination():
+  with pytest.raises(ValueError, match="one pattern"):
+    _get_config("nm24")
