@@ -8,23 +8,23 @@ re-estimation; layer-wise reconstruction on 256 calibration images (Adam 1e-3, 1
 iterations, batch 50 per layer); reconstruction + BatchNorm re-estimation. The stem
 (3x3 conv on 1 channel) and the head stay dense.
 
-Patterns (variants): ``nm24`` (default), ``nm14``, ``nm48``, ``t24``, ``t48``;
-``teacher`` converts the teacher-student MLP instead; ``smoke``.
+The dense model is trained once per seed and converted to every pattern of
+``config.convert.patterns`` (2:4, 4:8, 1:4, T-2:4, T-4:8). Over 3 seeds:
+
+    python experiments/sweep.py --config=configs/nm_convert.py --workdir=workdirs/nm_convert
+
+Variants: ``teacher`` converts the teacher-student MLP (no BatchNorm) instead; ``smoke``.
 """
 
 import ml_collections
 
 from sparse_jax.training.config import apply_variants, base_config, smoke as _smoke
 
-PATTERNS = {"nm24": (2, 4, False), "nm48": (4, 8, False), "nm14": (1, 4, False),
-            "t24": (2, 4, True), "t48": (4, 8, True)}
-SWEEP = dict(variants=list(PATTERNS), seeds=[0, 1, 2])
-
-
-def _pattern(name):
-  def apply(c):
-    c.convert.n, c.convert.m, c.convert.transposable = PATTERNS[name]
-  return apply
+PATTERNS = ("2:4", "4:8", "1:4", "T-2:4", "T-4:8")
+STAGES = ("one_shot", "one_shot_bn", "reconstructed", "reconstructed_bn")
+SWEEP = dict(variants=[""], seeds=[0, 1, 2],
+             metrics=["test_accuracy_dense"] + [f"test_accuracy_{p}_{s}"
+                                                for p in PATTERNS for s in STAGES])
 
 
 def teacher(c):
@@ -41,6 +41,7 @@ def teacher(c):
 
 def smoke(c):
   _smoke(c)
+  c.convert.patterns = ("2:4", "T-2:4")
   c.convert.num_steps = 20
   c.convert.calibration_examples = 64
 
@@ -55,8 +56,6 @@ def get_config(arg=None):
   c.optimizer.kwargs = dict(momentum=0.9, nesterov=True)
   c.train.num_steps = 1500
   c.convert = ml_collections.ConfigDict(dict(
-      n=2, m=4, transposable=False, exclude=("stem", "head"), calibration_examples=256,
+      patterns=PATTERNS, exclude=("stem", "head"), calibration_examples=256,
       num_steps=1000, learning_rate=1e-3, batch_size=50))
-  variants = {name: _pattern(name) for name in PATTERNS}
-  variants.update(teacher=teacher, smoke=smoke)
-  return apply_variants(c, arg, variants)
+  return apply_variants(c, arg, {"teacher": teacher, "smoke": smoke})

@@ -27,7 +27,9 @@ _CONFIG = flags.DEFINE_string("config", None, "Config file (configs/*.py).")
 _VARIANTS = flags.DEFINE_string("variants", "", "';'-separated config args.")
 _BASE = flags.DEFINE_string("base", "", "Config arg prepended to every variant.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the config's SWEEP, or 0,1,2).")
-_METRICS = flags.DEFINE_list("metrics", ["test_accuracy"], "Result keys to tabulate.")
+_METRICS = flags.DEFINE_list("metrics", None,
+                             "Result keys to tabulate (default: the config's SWEEP, "
+                             "or test_accuracy).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -47,6 +49,7 @@ def main(argv):
   variants = (_VARIANTS.value.split(";") if _VARIANTS.value
               else list(defaults.get("variants", [""])))
   seeds = _SEEDS.value if _SEEDS.value is not None else defaults.get("seeds", [0, 1, 2])
+  metrics = _METRICS.value or defaults.get("metrics", ["test_accuracy"])
 
   def make_config(variant):
     arg = ",".join(filter(None, [_BASE.value, variant]))
@@ -55,8 +58,8 @@ def main(argv):
     return config
 
   run_sweep(make_config, variants, [int(s) for s in seeds], _WORKDIR.value,
-            run=run_experiment, metrics=_METRICS.value,
-            percent=[m for m in _METRICS.value if "accuracy" in m])
+            run=run_experiment, metrics=metrics,
+            percent=[m for m in metrics if "accuracy" in m])
 
 
 if __name__ == "__main__":

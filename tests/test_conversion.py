@@ -63,3 +63,11 @@ def test_adaprune_keeps_the_mask_and_beats_one_shot():
   dense_out = apply(params, ms, x, False)[0]
   err = lambda p: float(jnp.mean((apply(p, ms, x, False)[0] - dense_out) ** 2))
   assert err(rebuilt) < 0.8 * err(one_shot)
+
+
+def test_parse_pattern():
+  from sparse_jax.training.conversion import parse_pattern
+  assert parse_pattern("2:4") == (2, 4, False)
+  assert parse_pattern("T-4:8") == (4, 8, True)
+  with pytest.raises(ValueError, match="config.convert.patterns"):
+    parse_pattern("2-4")

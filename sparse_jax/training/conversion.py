@@ -150,16 +150,54 @@ def reestimate_batchnorm(graphdef, params: PyTree, model_state: PyTree, x_calib
   return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
 
 
-def run_conversion(config, workdir: str) -> dict[str, Any]:
-  """Trains the dense model, converts it to N:M, and evaluates every stage.
+def parse_pattern(pattern: str) -> tuple[int, int, bool]:
+  """``"2:4"`` -> ``(2, 4, False)``; ``"T-4:8"`` (transposable) -> ``(4, 8, True)``."""
+  text = pattern.strip()
+  transposable = text.upper().startswith("T-")
+  try:
+    n, m = (int(v) for v in text[2 if transposable else 0:].split(":"))
+  except ValueError:
+    raise ValueError(f"config.convert.patterns: {pattern!r} is not 'N:M' or 'T-N:M'")
+  return n, m, transposable
 
-  ``config.convert``: ``n``, ``m``, ``transposable``, ``exclude`` (regexes of layers
-  kept dense), ``calibration_examples``, ``num_steps``, ``learning_rate``,
-  ``batch_size``, ``bn_reestimate``.
+
+def convert_params(graphdef, params, model_state, calib, pattern: str, *,
+                   exclude=(), num_steps=1000, learning_rate=1e-3, batch_size=50,
+                   seed=0) -> dict[str, tuple[PyTree, PyTree]]:
+  """Every conversion stage of ``params`` to ``pattern``.
 
   Returns:
-    Results with the test accuracy of ``dense``, ``one_shot``, ``one_shot_bn``,
-    ``reconstructed`` and ``reconstructed_bn`` (also ``workdir/results.json``).
+    ``{stage: (params, model_state)}`` for stages ``one_shot``, ``one_shot_bn``,
+    ``reconstructed``, ``reconstructed_bn`` (BatchNorm statistics re-estimated on
+    ``calib`` in the ``_bn`` stages).
+  """
+  n, m, transposable = parse_pattern(pattern)
+  mask_filter = sparsity.default_filter(m, transposable=transposable,
+                                        exclude=tuple(exclude))
+  one_shot, masks = sparsity.nm_convert(params, n, m, transposable=transposable,
+                                        mask=mask_filter)
+  rebuilt = adaprune(graphdef, params, model_state, calib, masks, num_steps=num_steps,
+                     learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+  return {
+      "one_shot": (one_shot, model_state),
+      "one_shot_bn": (one_shot, reestimate_batchnorm(graphdef, one_shot, model_state,
+                                                     calib)),
+      "reconstructed": (rebuilt, model_state),
+      "reconstructed_bn": (rebuilt, reestimate_batchnorm(graphdef, rebuilt, model_state,
+                                                         calib)),
+  }
+
+
+def run_conversion(config, workdir: str) -> dict[str, Any]:
+  """Trains the dense model once, converts it to every pattern, evaluates each stage.
+
+  ``config.convert``: ``patterns`` (e.g. ``("2:4", "T-4:8")``), ``exclude`` (regexes of
+  layers kept dense), ``calibration_examples``, ``num_steps``, ``learning_rate``,
+  ``batch_size`` (the reconstruction's Adam).
+
+  Returns:
+    Results with ``test_accuracy_dense`` and ``test_accuracy_<pattern>_<stage>``
+    (also ``workdir/results.json``, and a table printed).
   """
   conv = config.convert
   dense_dir = os.path.join(workdir, "dense")
@@ -175,30 +213,22 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
   def accuracy(params, model_state):
     return evaluate(eval_step, params, model_state, data.x_test, data.y_test)["accuracy"]
 
-  mask_filter = sparsity.default_filter(conv.m, transposable=conv.transposable,
-                                        exclude=tuple(conv.exclude))
-  one_shot, masks = sparsity.nm_convert(state.params, conv.n, conv.m,
-                                        transposable=conv.transposable, mask=mask_filter)
-  stages = {"dense": accuracy(state.params, state.model_state),
-            "one_shot": accuracy(one_shot, state.model_state)}
-  stages["one_shot_bn"] = accuracy(one_shot, reestimate_batchnorm(
-      graphdef, one_shot, state.model_state, calib))
-  rebuilt = adaprune(graphdef, state.params, state.model_state, calib, masks,
-                     num_steps=int(conv.num_steps),
-                     learning_rate=float(conv.learning_rate),
-                     batch_size=int(conv.batch_size), seed=config.seed)
-  stages["reconstructed"] = accuracy(rebuilt, state.model_state)
-  stages["reconstructed_bn"] = accuracy(rebuilt, reestimate_batchnorm(
-      graphdef, rebuilt, state.model_state, calib))
-  kept = [np.asarray(mk) for mk in jax.tree.leaves(masks)]
-  results = {"name": config.get("name", ""), "status": "completed",
-             "pattern": f"{'T-' if conv.transposable else ''}{conv.n}:{conv.m}",
-             "density_pruned_layers": float(np.mean(np.concatenate(
-                 [k.ravel() for k in kept]))),
-             "dense_wall_s": dense_results.get("wall_s"),
-             **{f"test_accuracy_{k}": v for k, v in stages.items()},
-             "test_accuracy": stages["reconstructed_bn"]}
+  results: dict[str, Any] = {"name": config.get("name", ""), "status": "completed",
+                             "dense_wall_s": dense_results.get("wall_s"),
+                             "test_accuracy_dense": accuracy(state.params,
+                                                             state.model_state)}
+  rows = []
+  for pattern in conv.patterns:
+    stages = convert_params(graphdef, state.params, state.model_state, calib, pattern,
+                            exclude=conv.exclude, num_steps=int(conv.num_steps),
+                            learning_rate=float(conv.learning_rate),
+                            batch_size=int(conv.batch_size), seed=config.seed)
+    row = {"pattern": pattern, "dense": results["test_accuracy_dense"]}
+    for stage, (params, model_state) in stages.items():
+      row[stage] = accuracy(params, model_state)
+      results[f"test_accuracy_{pattern}_{stage}"] = row[stage]
+    rows.append(row)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
-  print(format_table([{"stage": k, "test_accuracy": v} for k, v in stages.items()]))
+  print(format_table(rows))
   return results
