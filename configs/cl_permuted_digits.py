@@ -35,13 +35,14 @@ def ewc(c):
 def bgd(c):
   c.train.step = "foovb"
   c.optimizer.name = "foovb"
-  c.optimizer.kwargs = dict(covariance="diagonal", init_std=0.05, eta=1.0)
+  c.optimizer.kwargs = dict(covariance="diagonal", init_std=0.05, eta=1.0,
+                            num_samples=10)
 
 
 def foovb_kron(c):
   c.train.step = "foovb"
   c.optimizer.name = "foovb"
-  c.optimizer.kwargs = dict(covariance="kron", eta=1.0)
+  c.optimizer.kwargs = dict(covariance="kron", eta=1.0, num_samples=10)
 
 
 def continuous(c):
@@ -51,7 +52,8 @@ def continuous(c):
 def smoke(c):
   c.stream.num_tasks = 3
   c.stream.epochs = 1
-  c.train.num_samples = 2
+  if c.optimizer.name == "foovb":
+    c.optimizer.kwargs.num_samples = 2
   c.train.log_every = 10
   c.train.progress_every_secs = 0.0
   c.ewc.fisher_examples = 64
@@ -67,7 +69,6 @@ def get_config(arg=None):
   c.optimizer.schedule = "constant"
   c.train.step = "standard"
   c.train.loss_reduction = ml_collections.FieldReference(None, field_type=str)
-  c.train.num_samples = 10
   c.ewc = ml_collections.ConfigDict(dict(strength=100.0, gamma=1.0,
                                          fisher_examples=500))
   sgd(c)

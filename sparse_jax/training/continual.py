@@ -91,33 +91,45 @@ def make_fisher_fn(graphdef):
 
 
 def make_foovb_step(graphdef, tx: optax.GradientTransformation, *, num_samples: int,
-                    loss_reduction: str = "sum"):
-  """FOO-VB train step: K posterior samples -> K gradients (vmap) -> one update.
+                    iterations: int = 1, loss_reduction: str = "sum"):
+  """FOO-VB train step ``step(state, x, y, penalty_args=None, logit_mask=None)``.
 
-  BatchNorm statistics are not touched by the K samples: they are updated by one
-  extra forward pass at the posterior mean.
+  K posterior samples -> K gradients of the (summed) batch loss via vmap -> one
+  fixed-point update (``sparse_jax.bayes.foovb_step``). BatchNorm statistics are not
+  touched by the K samples; one forward pass at the new mean updates them.
   """
-  from sparse_jax.bayes import foovb_sample
+  from sparse_jax.bayes import foovb_step
 
   loss_fn = make_loss_fn(graphdef, reduction=loss_reduction)
 
+  def with_state(params, model_state, x, y, logit_mask):
+    loss, (new_model_state, _, _) = loss_fn(params, model_state, x, y, logit_mask)
+    return loss, new_model_state
+
   def step(state: TrainState, x, y, penalty_args=None, logit_mask=None):
     del penalty_args
-    samples = foovb_sample(state.opt_state, num_samples)
-
-    def sample_grad(p):
-      return jax.grad(lambda q: loss_fn(q, state.model_state, x, y, logit_mask)[0])(p)
-
-    grads = jax.vmap(sample_grad)(samples)
-    _, (model_state, loss, accuracy) = loss_fn(state.params, state.model_state, x, y,
-                                               logit_mask)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    stateful = bool(jax.tree.leaves(state.model_state))
+    if stateful:
+      fn, extra = with_state, {"model_state": state.model_state}
+    else:
+      fn, extra = (lambda p, *a: with_state(p, state.model_state, *a)[0]), {}
+    params, opt_state, model_state, loss = foovb_step(
+        tx, fn, state.params, state.opt_state, x, y, logit_mask,
+        num_samples=num_samples, iterations=iterations, **extra)
+    if not stateful:
+      model_state = state.model_state
+    per_example = loss / x.shape[0] if loss_reduction == "sum" else loss
     return (TrainState(step=state.step + 1, params=params, model_state=model_state,
-                       opt_state=opt_state),
-            {"loss": loss, "accuracy": accuracy})
+                       opt_state=opt_state), {"loss": per_example})
 
   return step
+
+
+def foovb_step_options(config) -> dict[str, int]:
+  """``num_samples`` / ``iterations`` of the FOO-VB step, from ``config.optimizer.kwargs``."""
+  kwargs = config.optimizer.get("kwargs", None) or {}
+  return {"num_samples": int(kwargs.get("num_samples", 10)),
+          "iterations": int(kwargs.get("fixed_point_iterations", 1))}
 
 
 def _write_json(path, obj):
@@ -133,8 +145,8 @@ def run_continual(config, workdir: str, *,
 
   Args:
     config: ConfigDict with ``data``, ``stream``, ``model``, ``optimizer``, ``train``
-      (``step``: "standard" | "ewc" | "foovb"; ``num_samples`` for foovb;
-      ``loss_reduction``), ``ewc`` (``strength``, ``gamma``, ``fisher_examples``).
+      (``step``: "standard" | "ewc" | "foovb"; ``loss_reduction``; for foovb,
+      K is ``optimizer.kwargs.num_samples``), ``ewc`` (``strength``, ``gamma``, ``fisher_examples``).
     workdir: run directory; resumes at the last finished task.
     stop_after_task: stop (checkpointed) after this many tasks, as a killed run would.
 
@@ -155,8 +167,8 @@ def run_continual(config, workdir: str, *,
   reduction = (config.train.get("loss_reduction")
                or ("sum" if method == "foovb" else "mean"))
   if method == "foovb":
-    step_fn = make_foovb_step(graphdef, tx, num_samples=int(config.train.num_samples),
-                              loss_reduction=reduction)
+    step_fn = make_foovb_step(graphdef, tx, loss_reduction=reduction,
+                              **foovb_step_options(config))
   elif method in ("standard", "ewc"):
     penalty = ewc_penalty(float(config.ewc.strength)) if method == "ewc" else None
     step_fn = make_standard_step(graphdef, tx, loss_reduction=reduction, penalty=penalty)

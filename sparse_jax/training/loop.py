@@ -43,7 +43,15 @@ def _standard_builder(graphdef, tx, config):
                             forward=build_forward(config.train.get("forward", ())))
 
 
-STEP_BUILDERS: dict[str, Callable[..., Callable]] = {"standard": _standard_builder}
+def _foovb_builder(graphdef, tx, config):
+  from sparse_jax.training.continual import foovb_step_options, make_foovb_step
+  return make_foovb_step(graphdef, tx,
+                         loss_reduction=config.train.get("loss_reduction") or "sum",
+                         **foovb_step_options(config))
+
+
+STEP_BUILDERS: dict[str, Callable[..., Callable]] = {"standard": _standard_builder,
+                                                      "foovb": _foovb_builder}
 """``config.train.step`` -> ``builder(graphdef, tx, config) -> step(state, x, y)``."""
 
 

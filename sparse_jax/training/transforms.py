@@ -5,6 +5,11 @@ Optimizer chain (``config.optimizer.pre`` / ``post``; see ``optim.build_optimize
 - ``nm_projection``: hard N:M projection (put it in ``post``);
 - ``sr_ste``: SR-STE decay of pruned weights (``pre``; pair with ``nm_ste`` below).
 
+Optimizers by themselves (``config.optimizer.name``):
+
+- ``foovb``: FOO-VB / BGD (``sparse_jax.bayes.foovb``; kwargs are its options);
+  train with ``config.train.step = "foovb"``.
+
 Forward-pass weights (``config.train.forward``):
 
 - ``nm_ste``: N:M-masked weights in the forward pass, straight-through gradient.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparse_jax import sparsity
+from sparse_jax import bayes, sparsity
 from sparse_jax.training.optim import register_forward, register_transform
 
 
@@ -55,3 +60,9 @@ def _nm_ste(**kwargs):
   kwargs = _sparsity_kwargs(kwargs)
   n, m = kwargs.pop("n"), kwargs.pop("m")
   return lambda params: sparsity.nm_ste(params, n, m, **kwargs)
+
+
+@register_transform("foovb")
+def _foovb(ctx, **kwargs):
+  del ctx
+  return bayes.foovb(**kwargs)
