@@ -56,3 +56,19 @@ def test_mistyped_config_key_fails_naming_it(tmp_path):
 def test_unknown_variant_fails(tmp_path):
   proc = launch("configs/mlp_digits.py:smokee", str(tmp_path))
   assert proc.returncode != 0 and "smokee" in proc.stderr
+
+
+def test_sweep_cli_smoke(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+       f"--config={os.path.join(ROOT, 'configs', 'nm_teacher.py')}", "--base=smoke",
+       "--variants=dense;nm24,srste", "--seeds=0,1", f"--workdir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "sweep.json").read_text())["summary"]
+  assert [row["variant"] for row in summary] == ["dense", "nm24,srste"]
+  assert all(row["seeds"] == 2 for row in summary)
+  assert "| nm24,srste | 2 |" in (tmp_path / "sweep.md").read_text()
