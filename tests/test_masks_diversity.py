@@ -11,8 +11,8 @@ import pytest
 import sparse_jax.masks
 from sparse_jax.masks import (diversity, erk_sparsity, mask_diversity, nm,
                               regular_matrix_count, transposable,
-                              uniform_sparsity, unstructured, unstructured_diversity,
-                              unstructured_mask)
+                              uniform_sparsity, unstructured,
+                              unstructured_diversity, unstructured_mask)
 
 
 def all_binary_matrices(m):

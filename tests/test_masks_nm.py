@@ -14,7 +14,7 @@ from sparse_jax.masks import is_nm_sparse, nm_mask, nm_prune
 
 
 def reference_nm_mask(w, n, m, axis):
-  """Keeps the n largest |w| per group; lower index first among ties; NaN last."""
+  """The n largest |w| per group; lower index first among ties; NaN last."""
   w = np.moveaxis(np.asarray(w, dtype=np.float64), axis, -1)
   key = np.abs(w)
   key = np.where(np.isnan(key), -1.0, key)
@@ -108,7 +108,8 @@ def test_projection_and_checker():
   assert p.dtype == w.dtype
   assert bool(is_nm_sparse(p, 1, 3))
   assert not bool(is_nm_sparse(w, 1, 3))
-  np.testing.assert_array_equal(np.asarray(p != 0), np.asarray(nm_mask(w, 1, 3)))
+  np.testing.assert_array_equal(np.asarray(p != 0),
+                                np.asarray(nm_mask(w, 1, 3)))
   kept = np.where(np.asarray(p) != 0, np.asarray(w), 0)
   np.testing.assert_array_equal(np.asarray(p), kept)
 

@@ -1,4 +1,4 @@
-"""Tests for one-shot N:M conversion and layer-wise reconstruction (AdaPrune)."""
+"""Tests for one-shot N:M conversion and layer-wise reconstruction."""
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +111,16 @@ def test_bad_arguments():
     reconstruct_dense_lstsq(x[:, :4], w, mask)
   with pytest.raises(ValueError, match=r"\['k'\].*\(6, 4\)"):
     nm_convert({"k": jnp.ones((6, 4))}, 2, 4, mask={"k": True})
+
+
+def test_conv_apply_paddings_match_flax():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 7, 7, 4)), jnp.float32)
+  for padding in ("VALID", 1, ((1, 2), (0, 1)), [2, 1]):
+    conv = nnx.Conv(4, 8, (3, 3), padding=padding, use_bias=False,
+                    rngs=nnx.Rngs(1))
+    got = conv_apply(padding=padding)(conv.kernel[...], x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(conv(x)),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="not supported"):
+    conv_apply(padding="CIRCULAR")(conv.kernel[...], x)

@@ -1,4 +1,4 @@
-"""Tests for leaf selection (default filter, per-leaf axes) and the docstrings."""
+"""Tests for leaf selection (default filter, per-leaf axes) and docstrings."""
 
 import doctest
 
@@ -57,7 +57,8 @@ def test_default_filter_on_a_resnet():
 def test_attention_kernels_need_an_explicit_axis():
   params = abstract_params("vit", (8, 8, 1), dim=16, heads=2, depth=1,
                            mlp_dim=16)
-  with pytest.raises(ValueError, match=r"\['attn'\]\['key'\]\['kernel'\].*ambiguous"):
+  with pytest.raises(ValueError,
+                     match=r"\['attn'\]\['key'\]\['kernel'\].*ambiguous"):
     default_filter(4)(params)
   axes = axis_by_path({r"query|key|value": 0})
   chosen = names_selected(params, default_filter(4, axis=axes)(params))

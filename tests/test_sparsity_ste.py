@@ -14,7 +14,8 @@ from sparse_jax.sparsity import (SRSTEState, axis_by_path, nm_ste, sr_ste,
 def make_params(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 8)), jnp.float32),
+      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 8)),
+                                     jnp.float32),
                "bias": jnp.asarray(rng.normal(size=8), jnp.float32)},
       "dense": {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
                 "bias": jnp.zeros(4)},

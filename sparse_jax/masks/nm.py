@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from sparse_jax.masks import _checks
 
@@ -149,7 +148,7 @@ def nm_prune(w: jax.typing.ArrayLike, n, m: int, *,
 
 def is_nm_sparse(x: jax.typing.ArrayLike, n, m: int, *,
                  axis: int = -2) -> jax.Array:
-  """Whether every group of ``m`` consecutive entries has at most ``n`` nonzeros.
+  """Whether every group of ``m`` consecutive entries has <= ``n`` nonzeros.
 
   Works on boolean masks (True counts as nonzero) and on pruned arrays.
 

@@ -82,6 +82,28 @@ def _scores(w: jax.Array, objective: str, m: int) -> jax.Array:
   return jnp.where(jnp.isnan(a), jnp.asarray(-1.0, dtype), a)
 
 
+def _min_first(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """``(min, argmin)`` along a short ``axis`` (first index on ties)."""
+  return x.min(axis=axis), jnp.argmin(x, axis=axis).astype(jnp.int32)
+
+
+def _argmax_first(x: jax.Array, axis: int) -> jax.Array:
+  """``argmax`` along a short ``axis`` (first index on ties)."""
+  return jnp.argmax(x, axis=axis).astype(jnp.int32)
+
+
+def _argmax_long(x: jax.Array) -> jax.Array:
+  """``argmax`` over a long last axis (first index on ties).
+
+  A max and a min reduction: for ~100 candidates XLA's CPU argmax (a variadic
+  reduce) is several times slower. ``x`` must be NaN-free.
+  """
+  size = x.shape[-1]
+  hit = x == x.max(axis=-1, keepdims=True)
+  return jnp.min(jnp.where(hit, jnp.arange(size, dtype=jnp.int32), size),
+                 axis=-1)
+
+
 # ---------------------------------------------------------------------------
 # exact by enumeration (small m)
 
@@ -131,7 +153,7 @@ def _exact_by_patterns(s, n, chunk_size):
 
   def solve(chunk):  # chunks keep the (tiles, patterns) scores in cache
     totals = chunk.reshape(-1, m * m) @ p.T
-    return table[jnp.argmax(totals, axis=-1)]  # first best pattern on ties
+    return table[_argmax_long(totals)]  # first best pattern on ties
 
   return _in_chunks(solve, s, chunk_size)
 
@@ -150,7 +172,7 @@ def _column_graph(s: jax.Array, sel: jax.Array):
   removable = jnp.where(sel, s, inf)    # (T, r, c)
   addable = jnp.where(sel, -inf, s)     # (T, r, c')
   cost = removable[:, :, :, None] - addable[:, :, None, :]  # (T, r, c, c')
-  return cost.min(axis=1), cost.argmin(axis=1).astype(jnp.int32)
+  return _min_first(cost, 1)
 
 
 def _bellman_ford(dist, e, tol):
@@ -159,9 +181,7 @@ def _bellman_ford(dist, e, tol):
 
   def relax(_, carry):
     dist, pred = carry
-    cand = dist[:, :, None] + e
-    best = cand.min(axis=1)
-    arg = cand.argmin(axis=1).astype(jnp.int32)
+    best, arg = _min_first(dist[:, :, None] + e, 1)
     upd = best < dist - tol
     return jnp.where(upd, best, dist), jnp.where(upd, arg, pred)
 
@@ -180,8 +200,9 @@ def _layered_paths(dist, e):
     link = frontier[:, :, None] & edge
     cand = jnp.where(link, dist[:, :, None] + e, inf)
     new = ~reached & jnp.any(link, axis=1)
-    dist = jnp.where(new, cand.min(axis=1), dist)
-    pred = jnp.where(new, cand.argmin(axis=1).astype(jnp.int32), pred)
+    best, arg = _min_first(cand, 1)
+    dist = jnp.where(new, best, dist)
+    pred = jnp.where(new, arg, pred)
     return dist, pred, reached | new, new
 
   pred = jnp.full(dist.shape, -1, jnp.int32)
@@ -201,8 +222,7 @@ def _augment(s, sel, n, tol, *, repair):
     # start from a short row r: add (r, c) for an unkept (r, c).
     row_short = sel.sum(axis=2) < n
     start = jnp.where(row_short[:, :, None] & ~sel, -s, inf)  # (T, r, c)
-    dist0 = start.min(axis=1)
-    start_row = start.argmin(axis=1).astype(jnp.int32)
+    dist0, start_row = _min_first(start, 1)
     work = jnp.any(row_short, axis=-1)
     dist, pred = _layered_paths(dist0, e)
   else:
@@ -211,8 +231,7 @@ def _augment(s, sel, n, tol, *, repair):
     start_row = jnp.full((t, m), -1, jnp.int32)
     work = jnp.any(col_count > n, axis=-1)
     dist, pred = _bellman_ford(dist0, e, tol)
-  target = jnp.argmin(jnp.where(col_count < n, dist, inf), axis=-1)
-  target = target.astype(jnp.int32)
+  _, target = _min_first(jnp.where(col_count < n, dist, inf), -1)
   work = work & jnp.any((col_count < n) & jnp.isfinite(dist), axis=-1)
 
   ar = jnp.arange(m, dtype=jnp.int32)
@@ -308,8 +327,8 @@ def _greedy_rounds(s, n):
   def body(carry):
     sel, elig = carry
     v = jnp.where(elig, s, neg)
-    row_best = jnp.argmax(v, axis=2)  # first (lowest column) on ties
-    col_best = jnp.argmax(v, axis=1)  # first (lowest row) on ties
+    row_best = _argmax_first(v, 2)  # first (lowest column) on ties
+    col_best = _argmax_first(v, 1)  # first (lowest row) on ties
     dominant = (elig & (ar[None, None, :] == row_best[:, :, None])
                 & (ar[None, :, None] == col_best[:, None, :]))
     sel = sel | dominant
@@ -397,8 +416,8 @@ def transposable_nm_mask(w: jax.typing.ArrayLike, n: int, m: int, *,
     method: ``"exact"`` (an optimal mask; enumeration of the valid tile
       patterns when there are at most 128 of them, e.g. 2:4, else successive
       shortest augmenting paths, optimal up to float rounding: path costs
-      within ``8 m eps max|w|`` of the tile count as equal), ``"greedy"`` (Hubara et al.'s
-      2-approximation; may leave rows/columns with fewer than ``n``), or
+      within ``8 m eps max|w|`` of the tile count as equal), ``"greedy"``
+      (Hubara et al.'s 2-approximation; may leave rows/columns with fewer than ``n``), or
       ``"greedy_repair"`` (greedy completed by augmenting paths to exactly
       ``n`` per row and column; not optimal).
     objective: ``"l1"`` maximises the kept ``sum |w|`` (the paper's choice);
@@ -420,8 +439,9 @@ def transposable_nm_mask(w: jax.typing.ArrayLike, n: int, m: int, *,
     >>> from sparse_jax.masks import transposable_nm_mask
     >>> w = jax.random.normal(jax.random.key(0), (8, 16))
     >>> mask = transposable_nm_mask(w, 2, 4)
-    >>> mask.reshape(2, 4, 4, 4).sum(1).min(), mask.reshape(8, 4, 4).sum(2).max()
-    (Array(2, dtype=int32), Array(2, dtype=int32))
+    >>> rows, cols = mask.reshape(2, 4, 4, 4).sum(1), mask.reshape(8, 4, 4).sum(2)
+    >>> int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+    (2, 2, 2, 2)
 
   References:
     Hubara et al., "Accelerated Sparse Neural Training: A Provable and

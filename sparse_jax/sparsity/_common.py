@@ -101,6 +101,20 @@ def replace(params, pruned: Sequence[PrunedLeaf], values: Sequence[Any]):
   return jax.tree.unflatten(treedef, leaves)
 
 
+def match_vma(x, like):
+  """Marks ``x`` varying over the shard_map axes ``like`` varies over.
+
+  Inside ``shard_map`` a ``lax.cond`` needs both branches to vary over the
+  same mesh axes; values kept from the state may not (e.g. a replicated
+  state) while freshly computed ones do. Outside shard_map this is a no-op.
+  """
+  try:
+    missing = tuple(sorted(jax.typeof(like).vma - jax.typeof(x).vma))
+  except AttributeError:  # no varying-axes types in this jax
+    return x
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def kept_mass(w: jax.Array, mask: jax.Array) -> jax.Array:
   """Fraction of ``sum |w|`` on the kept entries (1 for an all-zero ``w``)."""
   a = jnp.abs(w.astype(jnp.float32))

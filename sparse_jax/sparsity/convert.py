@@ -78,14 +78,15 @@ def dense_apply(w: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def conv_apply(*, strides: int | Sequence[int] = 1,
-               padding: str | Sequence[tuple[int, int]] = "SAME",
+               padding: str | int | Sequence[int | tuple[int, int]] = "SAME",
                feature_group_count: int = 1,
                kernel_dilation: int | Sequence[int] = 1) -> ApplyFn:
   """``apply(w, x)`` of a Flax-style Conv: HWIO kernel, NHWC inputs.
 
   Args:
     strides: window strides.
-    padding: ``"SAME"``, ``"VALID"`` or explicit pairs.
+    padding: ``"SAME"``, ``"VALID"``, an int (same on every side), or one int
+      or ``(low, high)`` pair per spatial axis (as Flax's Conv takes it).
     feature_group_count: grouped convolution.
     kernel_dilation: kernel (rhs) dilation.
 
@@ -95,7 +96,8 @@ def conv_apply(*, strides: int | Sequence[int] = 1,
   Example:
     >>> import jax.numpy as jnp
     >>> from sparse_jax.sparsity import conv_apply
-    >>> conv_apply(strides=2)(jnp.ones((3, 3, 4, 8)), jnp.ones((1, 8, 8, 4))).shape
+    >>> apply = conv_apply(strides=2)
+    >>> apply(jnp.ones((3, 3, 4, 8)), jnp.ones((1, 8, 8, 4))).shape
     (1, 4, 4, 8)
 
   References:
@@ -114,10 +116,25 @@ def conv_apply(*, strides: int | Sequence[int] = 1,
     spatial = "DHW"[-nd:]
     dims = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
     return lax.conv_general_dilated(
-        x, w, window_strides=st, padding=padding, rhs_dilation=dil,
+        x, w, window_strides=st, padding=_padding(padding, nd),
+        rhs_dilation=dil,
         dimension_numbers=dims, feature_group_count=feature_group_count)
 
   return apply
+
+
+def _padding(padding, nd: int):
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"conv_apply: padding {padding!r} is not supported "
+                       "(use 'SAME', 'VALID' or explicit sizes).")
+    return padding.upper()
+  if isinstance(padding, int):
+    return [(padding, padding)] * nd
+  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  if len(pads) != nd:
+    raise ValueError(f"conv_apply: {len(pads)} paddings for {nd} spatial axes.")
+  return pads
 
 
 def reconstruction_error(x: jax.typing.ArrayLike, w: jax.typing.ArrayLike,

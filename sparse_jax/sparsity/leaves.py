@@ -139,10 +139,10 @@ def default_filter(m: int, *, axis: AxisSpec = -2, transposable: bool = False,
   Example:
     >>> import jax.numpy as jnp
     >>> from sparse_jax.sparsity import default_filter
-    >>> params = {"conv0": {"kernel": jnp.ones((3, 3, 3, 16)), "bias": jnp.ones(16)},
+    >>> params = {"conv0": {"kernel": jnp.ones((3, 3, 3, 16))},  # 3 inputs
     ...           "dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.ones(8)}}
     >>> default_filter(4)(params)
-    {'conv0': {'bias': False, 'kernel': False}, 'dense': {'bias': False, 'kernel': True}}
+    {'conv0': {'kernel': False}, 'dense': {'bias': False, 'kernel': True}}
 
   References:
     Hubara et al., NeurIPS 2021, https://arxiv.org/abs/2102.08124.

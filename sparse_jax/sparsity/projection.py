@@ -42,6 +42,7 @@ def nm_projection(
     method: str = "exact",
     objective: str = "l1",
     mask: leaves_lib.MaskSpec = None,
+    diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Projects the updated params onto N:M sparsity (put it LAST in a chain).
 
@@ -75,6 +76,9 @@ def nm_projection(
     mask: which leaves to prune: a pytree of bools (or a prefix), a callable
       ``params -> pytree of bools``, or None for :func:`default_filter`
       (kernels with ``ndim >= 2`` whose N:M axis is divisible by ``m``).
+    diagnostics: track ``kept_mass`` and ``flip_rate`` in the state at every
+      mask update (two extra reductions over the pruned weights; with False
+      they stay 0).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its update needs ``params``.
@@ -93,8 +97,10 @@ def nm_projection(
     ...                    "bias": jnp.ones(4)}}
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
-    >>> int((params["dense"]["kernel"] != 0).sum()), int(params["dense"]["bias"].size)
-    (16, 4)
+    >>> int((params["dense"]["kernel"] != 0).sum())  # 2 of every 4 kept
+    16
+    >>> int((params["dense"]["bias"] != 0).sum())  # biases stay dense
+    4
 
   References:
     Hubara et al., "Accelerated Sparse Neural Training: A Provable and
@@ -130,9 +136,10 @@ def nm_projection(
     if init_masks:
       masks = masks_of(arrays, pruned, jnp.zeros([], jnp.int32))
     else:
-      masks = [jnp.ones(a.shape, bool) for a in arrays]
-    kept = [_common.kept_mass(a, mk) for a, mk in zip(arrays, masks)]
-    zeros = [jnp.zeros([], jnp.float32) for _ in arrays]
+      masks = [jnp.ones_like(a, dtype=bool) for a in arrays]
+    zeros = [jnp.zeros_like(a, jnp.float32, shape=()) for a in arrays]
+    kept = [_common.kept_mass(a, mk) for a, mk in zip(arrays, masks)] \
+        if diagnostics else zeros
     return NMProjectionState(
         count=jnp.zeros([], jnp.int32),
         masks=_common.scatter(params, pruned, masks),
@@ -159,14 +166,19 @@ def nm_projection(
       recompute = (count == start_step) if update_every is None else (
           active & ((count - start_step) % update_every == 0))
 
+    def held(values):  # state values, typed like fresh ones (shard_map)
+      return [_common.match_vma(x, w) for x, w in zip(values, new_list)]
+
     def fresh(_):
       masks = masks_of(new_list, pruned, count)
+      if not diagnostics:
+        return masks, held(old_kept), held(old_flip)
       kept = [_common.kept_mass(w, mk) for w, mk in zip(new_list, masks)]
       flips = [_common.flip_rate(o, mk) for o, mk in zip(old_masks, masks)]
       return masks, kept, flips
 
     def keep(_):
-      return list(old_masks), list(old_kept), list(old_flip)
+      return held(old_masks), held(old_kept), held(old_flip)
 
     masks, kept, flips = lax.cond(recompute, fresh, keep, None)
     out = []
