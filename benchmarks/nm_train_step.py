@@ -3,7 +3,8 @@
     python -m benchmarks.nm_train_step [--quick]
 
 Same model, same batch, same Adam; the sparse step adds ``nm_projection`` (mask
-recomputed from the magnitudes at EVERY step, head kept dense) after the optimizer.
+recomputed from the magnitudes at EVERY step, head kept dense) after the optimizer,
+with and without its per-step diagnostics (kept mass, flip rate).
 Target (issue #3): <= 1.15x the dense step. Writes benchmarks/results/nm_train_step.json.
 """
 
@@ -47,13 +48,16 @@ def main(argv=None):
     t_dense = time_fn(lambda: dense_step(dense_state, x, y), repeats=repeats)
     report.add(f"{label}: dense", t_dense, reference=t_dense)
     for pattern, (n, m, transposable) in PATTERNS.items():
-      tx = optax.chain(optax.adam(1e-3), nm_projection(
-          n, m, transposable=transposable, update_every=1,
-          mask=default_filter(m, transposable=transposable, exclude="head")))
-      state = init_train_state(params, model_state, tx)
-      step = jax.jit(make_standard_step(graphdef, tx))
-      t = time_fn(lambda: step(state, x, y), repeats=repeats)
-      report.add(f"{label}: {pattern} projection", t, reference=t_dense, target=1.15)
+      for diagnostics in (True, False):
+        tx = optax.chain(optax.adam(1e-3), nm_projection(
+            n, m, transposable=transposable, update_every=1, diagnostics=diagnostics,
+            mask=default_filter(m, transposable=transposable, exclude="head")))
+        state = init_train_state(params, model_state, tx)
+        step = jax.jit(make_standard_step(graphdef, tx))
+        t = time_fn(lambda: step(state, x, y), repeats=repeats)
+        report.add(f"{label}: {pattern} projection"
+                   + ("" if diagnostics else " (no diagnostics)"),
+                   t, reference=t_dense, target=1.15)
   report.write()
 
 

@@ -3,7 +3,7 @@
 Compressors (pure functions on one array, static-size compressed form):
 :func:`top_k`, :func:`rand_k`, :func:`threshold`, :func:`lognormal`,
 :func:`nm`. The optax transform :func:`error_feedback` (EF / EF21 / DGC /
-none) compresses the gradients, keeps the residuals in its state and, with
+none) compresses the gradients (:func:`powersgd` is the low-rank one), keeps the residuals in its state and, with
 ``axis_name`` inside ``jax.shard_map``, exchanges the compressed tensors with
 ``all_gather`` + scatter-add. :func:`make_data_parallel_step` builds the
 jitted data-parallel train step; :mod:`~sparse_jax.compression.wire` counts
@@ -28,6 +28,7 @@ from sparse_jax.compression.error_feedback import WorkerLocal
 from sparse_jax.compression.error_feedback import error_feedback
 from sparse_jax.compression.lognormal_model import fit_lognormal
 from sparse_jax.compression.lognormal_model import lognormal_threshold
+from sparse_jax.compression.powersgd import powersgd
 from sparse_jax.compression.selection import select_above
 from sparse_jax.compression.selection import top_k_indices
 from sparse_jax.compression.wire import WireBytes
@@ -40,6 +41,6 @@ __all__ = [
     "VARIANTS", "WireBytes", "WorkerLocal", "error_feedback", "exchange_bytes",
     "fit_lognormal", "hlo_collectives", "hlo_wire_bytes",
     "initialize_distributed", "kept_count", "lognormal", "lognormal_threshold",
-    "make_data_parallel_step", "nm", "rand_k", "select_above", "threshold",
+    "make_data_parallel_step", "nm", "powersgd", "rand_k", "select_above", "threshold",
     "top_k", "top_k_indices",
 ]

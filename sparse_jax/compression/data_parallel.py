@@ -19,6 +19,12 @@ replicated. Works with one process or several (``jax.distributed``); there
 every process passes the same full (global) batch and parameters, and
 :func:`make_data_parallel_step`'s ``init``/``shard_batch`` place the
 addressable pieces.
+
+On CPU a step waits for the previous one before it is dispatched: XLA:CPU
+runs the devices of a process on one thread pool, and with several steps in
+flight their collectives were seen to deadlock (8 fake devices, 2 cores).
+A training loop that builds its own ``shard_map`` step on CPU should do the
+same (``jax.block_until_ready`` on the state every step).
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ the mean update it gives can leave ``shard_map`` with a replicated
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 
@@ -29,23 +27,22 @@ def bound_axis_size(axis_name, who: str) -> int:
         "axis_name=None for a single worker.") from None
 
 
-def gather_sum(compressor, compressed, shape: Sequence[int], dtype,
-               axis_name) -> jax.Array:
-  """Sum over the workers of ``axis_name`` of their compressed tensors.
+def all_gather(compressed, axis_name):
+  """Every worker's compressed buffers, stacked on a new leading axis.
+
+  The result is typed invariant (``to="invarying"``): it is the same on every
+  device, which is what lets the scatter-added update leave ``shard_map``
+  replicated under ``check_vma=True``.
 
   Args:
-    compressor: the :class:`~sparse_jax.compression.Compressor` that made
-      ``compressed``.
-    compressed: this device's ``Compressed`` buffers.
-    shape: the dense shape.
-    dtype: the dense dtype.
+    compressed: this device's ``Compressed`` buffers (static shapes).
     axis_name: the bound mesh axis.
 
   Returns:
-    The dense sum, identical (and typed invariant) on every device.
+    ``Compressed`` with a leading axis of size ``axis_size(axis_name)``; pass
+    it to ``Compressor.add_to``/``decompress`` to scatter-add it.
   """
-  gathered = jax.lax.all_gather(compressed, axis_name, to="invarying")
-  return compressor.decompress(gathered, shape, dtype)
+  return jax.lax.all_gather(compressed, axis_name, to="invarying")
 
 
 def dense_mean(x: jax.Array, axis_name) -> jax.Array:

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
