@@ -24,9 +24,27 @@ from sparse_jax.training import run_experiment  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process: host:port of process 0 (e.g. 127.0.0.1:12345).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process: processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this process.")
+_LOCAL_DEVICES = flags.DEFINE_integer(
+    "local_device_count", None, "Multi-process on CPU: devices per process.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "requeue me"
+
+
+def _ensure_cpu_devices(count: int) -> None:
+  """On a CPU-only single process, fakes ``count`` devices for data-parallel configs.
+
+  Must run before JAX initialises its backends (nothing above touches them).
+  """
+  if count > 1 and _NUM_PROCESSES.value == 1 and os.environ.get(
+      "JAX_PLATFORMS", "cpu") == "cpu":
+    import jax
+    jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
 
 
 def main(argv):
@@ -36,7 +54,12 @@ def main(argv):
   # orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter.
   pylogging.getLogger("absl").addFilter(
       lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
+  if _NUM_PROCESSES.value > 1:
+    from sparse_jax.compression import initialize_distributed
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value, local_device_count=_LOCAL_DEVICES.value)
   config = _CONFIG.value
+  _ensure_cpu_devices(int(config.train.get("num_devices", 1) or 1))
   logging.info("config:\n%s", config)
   results = run_experiment(config, _WORKDIR.value)
   if results["status"] == "preempted":

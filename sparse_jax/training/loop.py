@@ -20,7 +20,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -29,11 +29,12 @@ from absl import logging
 from sparse_jax.data import BatchSchedule, load_dataset
 from sparse_jax.models import build_model
 from sparse_jax.training.checkpoint import Checkpointer
-from sparse_jax.training.metrics import MetricWriter
+from sparse_jax.training.metrics import MetricWriter, read_metrics
 from sparse_jax.training.optim import build_forward, build_optimizer
 from sparse_jax.training.progress import Progress
 from sparse_jax.training.report import format_table
-from sparse_jax.training.steps import (init_train_state, evaluate, make_eval_step,
+from sparse_jax.training.steps import (TrainState, cross_entropy, evaluate,
+                                       init_train_state, make_apply, make_eval_step,
                                        make_standard_step, split_model)
 
 
@@ -50,9 +51,65 @@ def _foovb_builder(graphdef, tx, config):
                          **foovb_step_options(config))
 
 
-STEP_BUILDERS: dict[str, Callable[..., Callable]] = {"standard": _standard_builder,
-                                                      "foovb": _foovb_builder}
-"""``config.train.step`` -> ``builder(graphdef, tx, config) -> step(state, x, y)``."""
+class StepPlan(NamedTuple):
+  """A train step that needs more than ``jax.jit`` (e.g. state placed on a mesh).
+
+  Attributes:
+    prepare: places a fresh step-0 :class:`TrainState` (before a checkpoint is
+      restored into it as template).
+    step: ``(state, x, y) -> (state, metrics)``, already compiled.
+    eval_params: maps the params to what single-device evaluation uses.
+  """
+  prepare: Callable[[TrainState], TrainState]
+  step: Callable
+  eval_params: Callable = lambda params: params
+
+
+def _data_parallel_builder(graphdef, tx, config):
+  from sparse_jax.compression import make_data_parallel_step
+
+  n = int(config.train.num_devices)
+  devices = jax.devices()
+  if n < 1 or n > len(devices):
+    raise ValueError(f"config.train.num_devices={n} but {len(devices)} devices exist "
+                     "(on CPU, fake more with XLA_FLAGS="
+                     "--xla_force_host_platform_device_count=8 or "
+                     "jax_num_cpu_devices)")
+  if int(config.train.batch_size) % n:
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} is not "
+                     f"divisible by config.train.num_devices={n}")
+  mesh = jax.sharding.Mesh(np.array(devices[:n]), ("data",))
+  apply = make_apply(graphdef)
+
+  def loss_fn(params, batch):
+    logits, _ = apply(params, {}, batch["x"], True)
+    return cross_entropy(logits, batch["y"]).mean()
+
+  dp = make_data_parallel_step(loss_fn, tx, mesh)
+
+  def prepare(state):
+    if jax.tree.leaves(state.model_state):
+      raise ValueError("config.train.step='data_parallel' needs a model without "
+                       "BatchNorm statistics (model_state must be empty)")
+    params, opt_state = dp.init(state.params)
+    return state._replace(params=params, opt_state=opt_state)
+
+  def step(state, x, y):
+    params, opt_state, metrics = dp.step(state.params, state.opt_state,
+                                         dp.shard_batch({"x": x, "y": y}))
+    return state._replace(step=state.step + 1, params=params,
+                          opt_state=opt_state), metrics
+
+  single = devices[0]
+  return StepPlan(prepare=prepare, step=step,
+                  eval_params=lambda params: jax.device_put(params, single))
+
+
+STEP_BUILDERS: dict[str, Callable[..., Any]] = {"standard": _standard_builder,
+                                                "foovb": _foovb_builder,
+                                                "data_parallel": _data_parallel_builder}
+"""``config.train.step`` -> ``builder(graphdef, tx, config)`` returning a pure
+``step(state, x, y) -> (state, metrics)`` (the loop jits it) or a :class:`StepPlan`."""
 
 
 class _Preemption:
@@ -84,6 +141,23 @@ def _write_json(path: str, obj: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def _wire_totals(workdir: str, log_every: int, num_steps: int) -> dict[str, Any]:
+  """Total bytes on the wire per device over the run, from the per-step metrics.
+
+  Exact when every step was logged (``log_every=1``, what the data-parallel configs
+  use); otherwise the logged steps are extrapolated and the keys say ``estimated``.
+  """
+  records = [r for r in read_metrics(workdir)
+             if r["split"] == "train" and "bytes_received" in r]
+  if not records:
+    return {}
+  exact = log_every == 1 and len(records) == num_steps
+  scale = 1.0 if exact else num_steps / len(records)
+  suffix = "" if exact else "_estimated"
+  return {f"total_{key}{suffix}": scale * sum(r[key] for r in records)
+          for key in ("bytes_sent", "bytes_received", "bytes_dense")}
 
 
 def num_params(params) -> int:
@@ -121,33 +195,39 @@ def train_and_evaluate(config, workdir: str, *,
     "completed", "stopped" (``stop_after_step``) or "preempted" (SIGTERM).
   """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  primary = jax.process_index() == 0  # only process 0 writes files
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   train_cfg = config.train
   num_steps = int(train_cfg.num_steps)
 
   data, graphdef, tx, state = build_run(config)
+  builder = STEP_BUILDERS.get(train_cfg.step)
+  if builder is None:
+    raise ValueError(f"config.train.step={train_cfg.step!r} is not one of "
+                     f"{sorted(STEP_BUILDERS)}")
+  plan = builder(graphdef, tx, config)
+  if not isinstance(plan, StepPlan):
+    plan = StepPlan(prepare=lambda s: s, step=jax.jit(plan, donate_argnums=0))
+  state = plan.prepare(state)
   ckpt = Checkpointer(workdir)
   state = ckpt.restore_latest(state)
   start = int(state.step)
   if start:
     logging.info("resuming from the checkpoint at step %d in %s", start, workdir)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, enabled=primary)
   writer.truncate_after(start)
 
-  builder = STEP_BUILDERS.get(train_cfg.step)
-  if builder is None:
-    raise ValueError(f"config.train.step={train_cfg.step!r} is not one of "
-                     f"{sorted(STEP_BUILDERS)}")
-  step_fn = jax.jit(builder(graphdef, tx, config), donate_argnums=0)
+  step_fn = plan.step
   eval_step = jax.jit(make_eval_step(graphdef,
                                      forward=build_forward(train_cfg.get("forward", ()))))
   schedule = BatchSchedule(len(data.x_train), int(train_cfg.batch_size),
                            seed=config.seed)
 
   def run_eval(split_x, split_y):
-    return evaluate(eval_step, state.params, state.model_state, split_x, split_y,
-                    batch_size=int(train_cfg.eval_batch_size))
+    return evaluate(eval_step, plan.eval_params(state.params), state.model_state,
+                    split_x, split_y, batch_size=int(train_cfg.eval_batch_size))
 
   progress = Progress(num_steps, start, every_secs=float(train_cfg.progress_every_secs))
   status = "completed"
@@ -192,8 +272,10 @@ def train_and_evaluate(config, workdir: str, *,
                     "test_loss": last_test["loss"],
                     "train_accuracy": train_metrics["accuracy"],
                     "train_loss": train_metrics["loss"]})
-    _write_json(os.path.join(workdir, "results.json"), results)
-    print(format_table([{k: v for k, v in results.items()}]))
+    if primary:
+      results.update(_wire_totals(workdir, int(train_cfg.log_every), num_steps))
+      _write_json(os.path.join(workdir, "results.json"), results)
+      print(format_table([{k: v for k, v in results.items()}]))
   writer.close()
   ckpt.close()
   return results

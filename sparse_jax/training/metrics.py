@@ -25,19 +25,22 @@ class MetricWriter:
   Args:
     workdir: the run directory.
     tensorboard: also write TensorBoard events.
+    enabled: False makes every method a no-op (non-primary processes of a
+      multi-process run).
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
     self._tb = None
-    if tensorboard:
+    if tensorboard and enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def truncate_after(self, step: int) -> None:
     """Drops records past ``step`` (a resumed run rewrites them identically)."""
-    if not os.path.exists(self.path):
+    if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
@@ -45,6 +48,8 @@ class MetricWriter:
       f.writelines(keep)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), "split": split,
               **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:

@@ -5,6 +5,14 @@ Optimizer chain (``config.optimizer.pre`` / ``post``; see ``optim.build_optimize
 - ``nm_projection``: hard N:M projection (put it in ``post``);
 - ``sr_ste``: SR-STE decay of pruned weights (``pre``; pair with ``nm_ste`` below).
 
+- ``error_feedback``: gradient compression with error feedback (``pre``, before
+  ``sgd``): ``compressor`` ("top_k", "rand_k", "threshold", "lognormal", "nm") with
+  its arguments in ``compressor_kwargs``, ``variant`` ("ef", "ef21", "dgc", "none"),
+  ``axis_name`` ("data" under ``config.train.step = "data_parallel"``), plus the
+  other options of ``sparse_jax.compression.error_feedback``. The learning rate
+  stays OUTSIDE the memory (the base optimizer applies it): for a constant rate this
+  is EF14's ``e + lr*g`` scaled by ``1/lr``.
+
 Optimizers by themselves (``config.optimizer.name``):
 
 - ``foovb``: FOO-VB / BGD (``sparse_jax.bayes.foovb``; kwargs are its options);
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparse_jax import bayes, sparsity
+from sparse_jax import bayes, compression, sparsity
 from sparse_jax.training.optim import register_forward, register_transform
 
 
@@ -66,3 +74,17 @@ def _nm_ste(**kwargs):
 def _foovb(ctx, **kwargs):
   del ctx
   return bayes.foovb(**kwargs)
+
+
+@register_transform("error_feedback")
+def _error_feedback(ctx, *, compressor, compressor_kwargs=None, warmup=(), **kwargs):
+  """``warmup``: DGC-style sequence of compressor kwargs used over ``warmup_steps``."""
+  del ctx
+  make = getattr(compression, compressor, None)
+  if make is None or compressor not in ("top_k", "rand_k", "threshold", "lognormal",
+                                        "nm"):
+    raise ValueError(f"config.optimizer: error_feedback compressor {compressor!r} is "
+                     "not one of top_k, rand_k, threshold, lognormal, nm")
+  warmup_compressors = tuple(make(**dict(w)) for w in warmup)
+  return compression.error_feedback(make(**dict(compressor_kwargs or {})),
+                                    warmup_compressors=warmup_compressors, **kwargs)
