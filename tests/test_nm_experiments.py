@@ -44,6 +44,14 @@ def test_deployed_weights_are_nm(pattern, method, tmp_path):
     assert bool(is_nm_sparse(kernel, n, m)), (pattern, method)
     if transposable:
       assert bool(is_transposable_nm_sparse(kernel, n, m))
+  if method in ("proj", "srste"):  # mask states in the optimizer: diagnostics logged
+    from sparse_jax.training.metrics import read_metrics
+    logged = [r for r in read_metrics(str(tmp_path)) if r["split"] == "sparsity"]
+    # projection: the stored weights are sparse; SR-STE keeps them dense (the mask
+    # acts in the forward pass), so only its mask sparsity is 1 - n/m.
+    key = "all/sparsity" if method == "proj" else "all/mask_sparsity"
+    assert logged and logged[-1][key] == pytest.approx(1 - n / m, abs=1e-6)
+    assert 0 < logged[-1]["all/kept_mass"] <= 1
   # the head is excluded: dense
   assert np.count_nonzero(np.asarray(weights["head"]["kernel"])) == weights["head"]["kernel"].size
   kernels = sum(l["kernel"].size for l in weights["hidden"].values())

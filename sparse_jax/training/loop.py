@@ -28,6 +28,7 @@ from absl import logging
 
 from sparse_jax.data import BatchSchedule, load_dataset
 from sparse_jax.models import build_model
+from sparse_jax.sparsity import find_mask_states, sparsity_diagnostics
 from sparse_jax.training.checkpoint import Checkpointer
 from sparse_jax.training.metrics import MetricWriter, read_metrics
 from sparse_jax.training.optim import build_forward, build_optimizer
@@ -160,6 +161,14 @@ def _wire_totals(workdir: str, log_every: int, num_steps: int) -> dict[str, Any]
           for key in ("bytes_sent", "bytes_received", "bytes_dense")}
 
 
+def mask_diagnostics(params, opt_state) -> dict[str, float]:
+  """Flat ``{"<layer>/<metric>": value}`` of ``sparse_jax.sparsity.sparsity_diagnostics``
+  (achieved sparsity, mask sparsity, kept-magnitude ratio, flip rate per layer)."""
+  diagnostics = jax.device_get(sparsity_diagnostics(params, opt_state))
+  return {f"{layer}/{name}": float(value) for layer, values in diagnostics.items()
+          for name, value in values.items()}
+
+
 def num_params(params) -> int:
   return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
 
@@ -229,6 +238,7 @@ def train_and_evaluate(config, workdir: str, *,
     return evaluate(eval_step, plan.eval_params(state.params), state.model_state,
                     split_x, split_y, batch_size=int(train_cfg.eval_batch_size))
 
+  track_masks = bool(find_mask_states(state.opt_state))
   progress = Progress(num_steps, start, every_secs=float(train_cfg.progress_every_secs))
   status = "completed"
   t0 = time.perf_counter()
@@ -242,6 +252,8 @@ def train_and_evaluate(config, workdir: str, *,
       if step % train_cfg.log_every == 0 or step == num_steps:
         metrics = jax.device_get(metrics)
         writer.write(step, "train", metrics)
+        if track_masks and (step % train_cfg.eval_every == 0 or step == num_steps):
+          writer.write(step, "sparsity", mask_diagnostics(state.params, state.opt_state))
         progress.update(step, f"loss {float(metrics['loss']):.4f}")
       if step % train_cfg.eval_every == 0 or step == num_steps:
         last_test = run_eval(data.x_test, data.y_test)
