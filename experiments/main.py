@@ -20,6 +20,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_jax.training import run_experiment  # noqa: E402
+from sparse_jax.training.devices import ensure_cpu_devices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
@@ -36,17 +37,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "requeue me"
 
 
-def _ensure_cpu_devices(count: int) -> None:
-  """On a CPU-only single process, fakes ``count`` devices for data-parallel configs.
-
-  Must run before JAX initialises its backends (nothing above touches them).
-  """
-  if count > 1 and _NUM_PROCESSES.value == 1 and os.environ.get(
-      "JAX_PLATFORMS", "cpu") == "cpu":
-    import jax
-    jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -59,7 +49,8 @@ def main(argv):
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value, local_device_count=_LOCAL_DEVICES.value)
   config = _CONFIG.value
-  _ensure_cpu_devices(int(config.train.get("num_devices", 1) or 1))
+  if _NUM_PROCESSES.value == 1:
+    ensure_cpu_devices(int(config.train.get("num_devices", 1) or 1))
   logging.info("config:\n%s", config)
   results = run_experiment(config, _WORKDIR.value)
   if results["status"] == "preempted":

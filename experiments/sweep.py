@@ -21,6 +21,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_jax.training import run_experiment  # noqa: E402
+from sparse_jax.training.devices import ensure_cpu_devices  # noqa: E402
 from sparse_jax.training.sweep import run_sweep  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file (configs/*.py).")
@@ -57,6 +58,8 @@ def main(argv):
     config.lock()
     return config
 
+  ensure_cpu_devices(max(int(make_config(v).train.get("num_devices", 1) or 1)
+                         for v in variants))
   run_sweep(make_config, variants, [int(s) for s in seeds], _WORKDIR.value,
             run=run_experiment, metrics=metrics,
             percent=[m for m in metrics if "accuracy" in m])
