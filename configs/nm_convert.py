@@ -41,9 +41,9 @@ def teacher(c):
 
 def smoke(c):
   _smoke(c)
-  c.convert.patterns = ("2:4", "T-2:4")
-  c.convert.num_steps = 20
-  c.convert.calibration_examples = 64
+  c.convert.patterns = ("T-2:4",)
+  c.convert.num_steps = 10
+  c.convert.calibration_examples = 32
 
 
 def get_config(arg=None):
