@@ -85,6 +85,11 @@ def _error_feedback(ctx, *, compressor, compressor_kwargs=None, warmup=(), **kwa
                                         "nm"):
     raise ValueError(f"config.optimizer: error_feedback compressor {compressor!r} is "
                      "not one of top_k, rand_k, threshold, lognormal, nm")
+  compressor_kwargs = dict(compressor_kwargs or {})
+  if compressor == "nm" and "mask" not in kwargs:
+    # N:M needs a kernel with its axis divisible by m: the rest is sent dense.
+    kwargs["mask"] = sparsity.default_filter(compressor_kwargs["m"],
+                                             axis=compressor_kwargs.get("axis", -2))
   warmup_compressors = tuple(make(**dict(w)) for w in warmup)
-  return compression.error_feedback(make(**dict(compressor_kwargs or {})),
+  return compression.error_feedback(make(**compressor_kwargs),
                                     warmup_compressors=warmup_compressors, **kwargs)
