@@ -9,22 +9,14 @@ and evaluation restricted to the task's two classes: multi-head). Methods: ``sgd
 MLP 64-200-200-k, batches of 32, 10 epochs per task, no task-boundary signal.
 """
 
-import importlib.util
 import os
 
-from sparse_jax.training.config import apply_variants
-
-
-def _permuted_config_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cl_permuted_digits.py")
-  spec = importlib.util.spec_from_file_location("cl_permuted_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from sparse_jax.training.config import apply_variants, load_config_module
 
 
 def get_config(arg=None):
-  base = _permuted_config_module()
+  base = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "cl_permuted_digits.py"))
   c = base.get_config()
   c.name = "cl_split_digits"
   c.stream.kind = "split"

@@ -22,7 +22,7 @@ masking, clipping, warm-up 75% -> 99.9% over the first 400 steps). Feedback: ``e
 
 import ml_collections
 
-from sparse_jax.training.config import apply_variants, base_config
+from sparse_jax.training.config import apply_variants, base_config, teacher_data
 
 COMPRESSORS = {
     "topk1": dict(compressor="top_k", compressor_kwargs=dict(fraction=0.01)),
@@ -48,9 +48,7 @@ def dgc(c):
 
 
 def teacher(c):
-  c.data = dict(name="teacher", input_dim=64, num_classes=10, teacher_hidden=(128,),
-                num_train=20_000, num_test=4_000, temperature=0.0, label_noise=0.0,
-                seed=0)
+  c.data = teacher_data(num_train=20_000)
 
 
 def smoke(c):

@@ -18,7 +18,8 @@ Variants: ``teacher`` converts the teacher-student MLP (no BatchNorm) instead; `
 
 import ml_collections
 
-from sparse_jax.training.config import apply_variants, base_config, smoke as _smoke
+from sparse_jax.training.config import (apply_variants, base_config, smoke as _smoke,
+                                        teacher_data)
 
 PATTERNS = ("2:4", "4:8", "1:4", "T-2:4", "T-4:8")
 STAGES = ("one_shot", "one_shot_bn", "reconstructed", "reconstructed_bn")
@@ -28,9 +29,7 @@ SWEEP = dict(variants=[""], seeds=[0, 1, 2],
 
 
 def teacher(c):
-  c.data = dict(name="teacher", input_dim=64, num_classes=10, teacher_hidden=(128,),
-                num_train=50_000, num_test=4_000, temperature=0.0, label_noise=0.0,
-                seed=0)
+  c.data = teacher_data()
   c.model = dict(name="mlp", hidden=(256, 256))
   c.optimizer = dict(name="adam", learning_rate=1e-3, schedule="cosine",
                      warmup_steps=0, decay_steps=0, decay_factor=0.1, kwargs={},

@@ -19,7 +19,7 @@ Methods: ``proj`` (hard projection after every step, mask recomputed every step)
 (STE + decay 2e-4 of the pruned weights, Zhou et al. 2021). No pattern: dense.
 """
 
-from sparse_jax.training.config import apply_variants, base_config
+from sparse_jax.training.config import apply_variants, base_config, teacher_data
 
 PATTERNS = {"nm24": (2, 4, False), "nm48": (4, 8, False), "nm14": (1, 4, False),
             "t24": (2, 4, True), "t48": (4, 8, True)}
@@ -45,9 +45,7 @@ def sparsify(c, pattern: str, method: str, *, exclude=("head",), decay=2e-4) -> 
 def get_config(arg=None):
   c = base_config()
   c.name = "nm_teacher"
-  c.data = dict(name="teacher", input_dim=64, num_classes=10, teacher_hidden=(128,),
-                num_train=50_000, num_test=4_000, temperature=0.0, label_noise=0.0,
-                seed=0)
+  c.data = teacher_data()
   c.model = dict(name="mlp", hidden=(64, 64))
   c.train.batch_size = 128
   c.train.num_steps = 4000

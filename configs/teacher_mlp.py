@@ -7,7 +7,7 @@ Knobs: ``--config.data.input_dim``, ``--config.data.teacher_hidden``,
 Variants: ``hard`` (deeper teacher, fewer examples, noisy labels); ``smoke``.
 """
 
-from sparse_jax.training.config import apply_variants, base_config
+from sparse_jax.training.config import apply_variants, base_config, teacher_data
 
 
 def hard(c):
@@ -19,9 +19,7 @@ def hard(c):
 def get_config(arg=None):
   c = base_config()
   c.name = "teacher_mlp"
-  c.data = dict(name="teacher", input_dim=64, num_classes=10, teacher_hidden=(128,),
-                num_train=20_000, num_test=4_000, temperature=0.0, label_noise=0.0,
-                seed=0)
+  c.data = teacher_data(num_train=20_000)
   c.model = dict(name="mlp", hidden=(256, 256))
   c.train.batch_size = 128
   c.train.num_steps = 4000

@@ -12,15 +12,17 @@ Writes ``workdir/sweep.json`` and ``workdir/sweep.md``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
-from absl import app, flags
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy/scipy: see conftest
+
+from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_jax.training import run_experiment  # noqa: E402
+from sparse_jax.training.config import load_config_module  # noqa: E402
 from sparse_jax.training.devices import ensure_cpu_devices  # noqa: E402
 from sparse_jax.training.sweep import run_sweep  # noqa: E402
 
@@ -33,13 +35,6 @@ _METRICS = flags.DEFINE_list("metrics", None,
                              "or test_accuracy).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location("_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def main(argv):

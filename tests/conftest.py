@@ -7,6 +7,9 @@ This must run before JAX initialises its backends, which is why it lives here
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# LAPACK (scipy's OpenBLAS) threads fight XLA's for the 2 cores: Kronecker /
+# full-covariance solves stall at random without this.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 

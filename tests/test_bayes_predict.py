@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sparse_jax.bayes import predict as pr
-from sparse_jax.bayes.foovb import foovb, foovb_sample
+from sparse_jax.bayes.transform import foovb, foovb_sample
 
 
 def _softmax(z):
@@ -31,9 +31,9 @@ def _ece_loop(probs, labels, num_bins):
   return total
 
 
-@hypothesis.settings(max_examples=30, deadline=None)
-@hypothesis.given(seed=st.integers(0, 10_000), n=st.integers(1, 40),
-                  c=st.integers(2, 6), bins=st.integers(1, 20))
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(seed=st.integers(0, 10_000), n=st.sampled_from([1, 7, 40]),
+                  c=st.sampled_from([2, 5]), bins=st.integers(1, 20))
 def test_ece_matches_brute_force(seed, n, c, bins):
   rng = np.random.default_rng(seed)
   probs = _softmax(rng.normal(size=(n, c)) * 3).astype(np.float32)

@@ -94,12 +94,10 @@ def test_ewc_penalty_and_fisher():
 
 
 def _cl_config(step="standard"):
-  import importlib.util, os
+  import os
+  from sparse_jax.training.config import load_config_module
   path = os.path.join(os.path.dirname(__file__), "..", "configs", "cl_permuted_digits.py")
-  spec = importlib.util.spec_from_file_location("cl_cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("ewc,smoke" if step == "ewc" else "smoke")
+  c = load_config_module(path).get_config("ewc,smoke" if step == "ewc" else "smoke")
   c.model.hidden = (32,)
   return c
 

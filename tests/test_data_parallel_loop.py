@@ -1,6 +1,5 @@
 """Data-parallel training through the loop: exact byte totals and exact resume."""
 
-import importlib.util
 import os
 
 import jax
@@ -8,17 +7,14 @@ import numpy as np
 import pytest
 
 from sparse_jax.training.checkpoint import Checkpointer
+from sparse_jax.training.config import load_config_module
 from sparse_jax.training.loop import build_run, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "compress_digits", os.path.join(ROOT, "configs", "compress_digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = load_config_module(os.path.join(ROOT, "configs", "compress_digits.py")).get_config(arg)
   c.model.hidden = (32,)
   c.train.num_devices = 4
   c.train.batch_size = 32

@@ -113,15 +113,34 @@ def test_solve_fixed_point_float32_stable_for_informative_batches(log_scale):
                                         jnp.asarray(e, jnp.float32)), np.float64)
   cov64, cov32 = x64 @ x64.T, x32 @ x32.T
   assert np.linalg.norm(cov32 - cov64) < 1e-3 * np.linalg.norm(cov64)
-  naive = None
-  with jax.enable_x64(True):
-    ve = (v @ e).astype(np.float32)
-    b = v.astype(np.float32) + 0.25 * ve @ ve.T
-    l_b = np.linalg.cholesky(b.astype(np.float64)).astype(np.float32)
-    u, _, wt = np.linalg.svd(np.linalg.solve(l_b, ve).astype(np.float32))
-    naive = (l_b @ u @ wt - 0.5 * ve).astype(np.float64)
+  # The paper's form X = L_B S W^T - V E / 2, evaluated in float32 (numpy).
+  ve = (v @ e).astype(np.float32)
+  b = v.astype(np.float32) + 0.25 * ve @ ve.T
+  l_b = np.linalg.cholesky(b.astype(np.float64)).astype(np.float32)
+  u, _, wt = np.linalg.svd(np.linalg.solve(l_b, ve).astype(np.float32))
+  naive = (l_b @ u @ wt - 0.5 * ve).astype(np.float64)
   if log_scale >= 4:  # the textbook form loses the answer here
     assert np.linalg.norm(naive @ naive.T - cov64) > 1e-2 * np.linalg.norm(cov64)
+
+
+def test_factor_form_float32_accurate_for_ill_conditioned_covariance():
+  # Long streams shrink some directions a lot: cond(V) = 1e10 is out of reach
+  # of float32 Cholesky of V, not of the factor form X = A T.
+  rng = np.random.default_rng(10)
+  n = 12
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  a = q @ np.diag(np.logspace(0, -5, n)) @ np.linalg.qr(rng.normal(size=(n, n)))[0]
+  e = rng.normal(size=(n, n)) * 50.0
+  with jax.enable_x64(True):
+    x64 = np.asarray(fp.solve_fixed_point_factor(jnp.asarray(a), jnp.asarray(e)))
+    res = np.asarray(fp.fixed_point_residual(x64, a @ a.T, e))
+  assert np.abs(res).max() < 1e-12 * np.abs(e).max()
+  x32 = np.asarray(fp.solve_fixed_point_factor(jnp.asarray(a, jnp.float32),
+                                               jnp.asarray(e, jnp.float32)), np.float64)
+  assert np.all(np.isfinite(x32))
+  # Compare in the whitened coordinates of the old covariance: A^-1 X.
+  t64, t32 = np.linalg.solve(a, x64), np.linalg.solve(a.astype(np.float32), x32)
+  assert np.linalg.norm(t32 @ t32.T - t64 @ t64.T) < 1e-3 * np.linalg.norm(t64 @ t64.T)
 
 
 def test_1x1_equation_reproduces_diagonal_formula():

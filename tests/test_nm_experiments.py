@@ -1,6 +1,5 @@
 """End-to-end N:M training through the config registry: deployed weights are N:M."""
 
-import importlib.util
 import os
 
 import jax
@@ -9,6 +8,7 @@ import pytest
 
 from sparse_jax.masks import is_nm_sparse, is_transposable_nm_sparse
 from sparse_jax.training.checkpoint import Checkpointer
+from sparse_jax.training.config import load_config_module
 from sparse_jax.training.loop import build_run, train_and_evaluate
 from sparse_jax.training.optim import build_forward
 
@@ -16,11 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _get_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "nm_teacher", os.path.join(ROOT, "configs", "nm_teacher.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = load_config_module(os.path.join(ROOT, "configs", "nm_teacher.py")).get_config(arg)
   c.data.num_train = 2000
   c.data.num_test = 500
   return c

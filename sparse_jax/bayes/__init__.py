@@ -1,11 +1,23 @@
 """FOO-VB online variational Bayes (diagonal, Kronecker, full) and Bayesian prediction.
 
+A training step (gradients of the SUMMED batch loss at K posterior samples)::
+
+    tx = sj.bayes.foovb(covariance="kron", num_samples=K)
+    opt_state = tx.init(params)
+    samples = sj.bayes.foovb_sample(opt_state, K)       # leading axis K
+    grads = jax.vmap(jax.grad(loss), (0, None))(samples, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)       # the posterior mean
+
+and prediction: ``sj.bayes.evaluate(apply_fn, params, foovb_sample(opt_state,
+K), x, y)`` (mean weights, MC average, committee vote, BMA; NLL, ECE, entropy).
+
 Modules:
   fixed_point  pure math: the stable diagonal (BGD) step, the closed-form
                solution of ``X X^T + V E X^T - V = 0``, covariance mixing.
   kronecker    pure math of the matrix-variate posterior in the Flax layout.
   layout       which params leaf gets which posterior (static).
-  foovb        the optax transform, sampling, state helpers.
+  transform    the optax transform foovb, sampling, state helpers.
   step         a training step (K sampled gradients, BatchNorm statistics).
   predict      mean / MC / committee / BMA prediction, entropy, ECE, NLL.
 """
@@ -14,8 +26,9 @@ from sparse_jax.bayes.fixed_point import (
     diagonal_std_update,
     fixed_point_residual,
     solve_fixed_point,
+    solve_fixed_point_factor,
 )
-from sparse_jax.bayes.foovb import (
+from sparse_jax.bayes.transform import (
     FooVBPosterior,
     FooVBState,
     KronFactors,
@@ -69,4 +82,5 @@ __all__ = [
     "sample_gradients",
     "sample_logits",
     "solve_fixed_point",
+    "solve_fixed_point_factor",
 ]

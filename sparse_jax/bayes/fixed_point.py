@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 
@@ -59,27 +60,27 @@ def diagonal_std_update(std: ArrayLike, grad_eps: ArrayLike) -> jax.Array:
     Array(1.e-09, dtype=float32)
 
   References:
-    https://arxiv.org/abs/1803.10123 (eq. 8)
+    https://arxiv.org/abs/1803.10123 (the BGD update of sigma)
   """
   std = jnp.asarray(std)
   dtype = std.dtype
   info = jnp.finfo(dtype)
   x = std * jnp.asarray(grad_eps, dtype) * 0.5
   a = jnp.abs(x)
-  # sqrt(1 + a^2) == a in this dtype long before a^2 overflows.
-  big = jnp.sqrt(jnp.asarray(info.max, dtype)) * 0.5
-  root = jnp.where(a < big, jnp.sqrt(1.0 + jnp.minimum(a, big) ** 2), a)
+  # sqrt(1 + a^2) == a in this dtype long before a^2 overflows: cap a^2 and
+  # take the max with a.
+  big = float(np.sqrt(info.max)) * 0.5
+  root = jnp.maximum(jnp.sqrt(1.0 + jnp.square(jnp.minimum(a, big))), a)
   factor = root + a  # >= 1
   new = jnp.where(x >= 0, std / factor, std * factor)
   return jnp.clip(new, info.tiny, info.max).astype(dtype)
 
 
-def solve_fixed_point(v: ArrayLike, e: ArrayLike) -> jax.Array:
-  """Closed-form ``X`` with ``X X^T + V E X^T - V = 0`` (V symmetric positive definite).
+def solve_fixed_point_factor(a: ArrayLike, e: ArrayLike) -> jax.Array:
+  """Closed-form ``X`` with ``X X^T + V E X^T - V = 0`` for ``V = A A^T``, from the factor.
 
-  With ``B = V + (V E)(V E)^T / 4``, any ``L_B`` with ``L_B L_B^T = B`` (here
-  the Cholesky factor) and the SVD ``L_B^-1 V E = S Lambda W^T``, the paper's
-  solution is
+  The paper's solution: with ``B = V + (V E)(V E)^T / 4``, any ``L_B`` with
+  ``L_B L_B^T = B`` and the SVD ``L_B^-1 V E = S Lambda W^T``,
 
       X = L_B S W^T - V E / 2.
 
@@ -87,23 +88,69 @@ def solve_fixed_point(v: ArrayLike, e: ArrayLike) -> jax.Array:
   plus the condition that ``V E Y^T`` be symmetric. ``Y = L_B Q`` with ``Q``
   orthogonal satisfies the first; ``Q = S W^T`` makes ``L_B^-1 V E Q^T =
   S Lambda S^T`` symmetric (positive semi-definite), which gives the second.
+  ``X`` does not depend on which ``L_B`` is used.
 
-  That difference cancels catastrophically when ``V E`` is large (a batch with
-  much information; in 1x1 it is the direct BGD form that rounds to 0). Since
-  ``(X + V E) X^T = V`` and ``X + V E = L_B S (I + Lambda / 2) W^T``, the same
-  ``X`` is computed here without cancellation as
+  Computed here without forming ``V`` and without cancellation:
 
-      X = (L_B^-1 V)^T S (I + Lambda / 2)^-1 W^T.
+  * ``B = A (I + F F^T / 4) A^T`` with ``F = A^T E``, so ``L_B = A R`` with ``R``
+    the Cholesky factor of ``I + F F^T / 4`` (eigenvalues >= 1: always well
+    conditioned), and ``L_B^-1 V E = R^-1 F``;
+  * ``X + V E = L_B S (I + Lambda / 2) W^T`` and ``(X + V E) X^T = V`` give
+    ``X = A R^-T S (I + Lambda / 2)^-1 W^T``, a product instead of the
+    difference above (which cancels catastrophically when ``V E`` is large,
+    like the direct BGD form in 1x1).
 
-  This root also gives ``X X^T <= V`` (the covariance never grows): ``V - X
-  X^T = L_B S (Lambda - Lambda^2 / 2) S^T L_B^T`` and the singular values of
+  So the new factor is the old one times a well-conditioned matrix, and float32
+  stays accurate even when ``V`` is badly conditioned (long streams shrink some
+  directions a lot).
+
+  This root gives ``X X^T <= V`` (the covariance never grows): ``V - X X^T =
+  L_B S (Lambda - Lambda^2 / 2) S^T L_B^T`` and the singular values of
   ``L_B^-1 V E`` are < 2. In 1x1 it is the diagonal formula when ``e >= 0``;
   for ``e < 0`` it picks the root of the opposite sign, whose magnitude is the
   shrinking one (see :func:`diagonal_std_update` for the growing root).
 
-  ``X`` is used as a square root of the new covariance. Precision: the work is
-  done in the dtype of the inputs (enable x64 and pass float64 for the
-  reference implementation's double precision).
+  Args:
+    a: ``(n, n)`` invertible square-root factor of the old covariance.
+    e: ``(n, n)`` matrix, ``mean_k g_k eps_k^T``.
+
+  Returns:
+    ``X``, ``(n, n)``, used as the square-root factor of the new covariance.
+
+  Example:
+    >>> a = jnp.array([[1.0, 0.0], [0.5, 2.0]])
+    >>> e = jnp.array([[1.0, 0.2], [0.0, 0.5]])
+    >>> x = solve_fixed_point_factor(a, e)
+    >>> bool(jnp.allclose(fixed_point_residual(x, a @ a.T, e), 0.0, atol=1e-5))
+    True
+
+  References:
+    https://arxiv.org/abs/2010.00373 (section 3, the matrix equation and its
+    solution)
+  """
+  a = jnp.asarray(a)
+  e = jnp.asarray(e, a.dtype)
+  if a.ndim != 2 or a.shape[0] != a.shape[1] or e.shape != a.shape:
+    raise ValueError(f"solve_fixed_point_factor needs square a and e of the same "
+                     f"shape, got a.shape={a.shape}, e.shape={e.shape}.")
+  n = a.shape[0]
+  f = a.T @ e
+  m = jnp.eye(n, dtype=a.dtype) + 0.25 * (f @ f.T)
+  r = jnp.linalg.cholesky(0.5 * (m + m.T))
+  c = jax.scipy.linalg.solve_triangular(r, f, lower=True)
+  s, lam, wt = jnp.linalg.svd(c)
+  t = jax.scipy.linalg.solve_triangular(r, s, lower=True, trans="T")
+  return a @ ((t / (1.0 + 0.5 * lam)[None, :]) @ wt)
+
+
+def solve_fixed_point(v: ArrayLike, e: ArrayLike) -> jax.Array:
+  """Closed-form ``X`` with ``X X^T + V E X^T - V = 0`` (V symmetric positive definite).
+
+  :func:`solve_fixed_point_factor` applied to the Cholesky factor of ``V``
+  (the solution is unique, whichever factor is used). Prefer the factor form
+  when a factor is at hand: the Cholesky factorisation of a badly conditioned
+  ``V`` fails in float32 (cond(V) = 1e10 gives NaN) where the factor form does
+  not.
 
   Args:
     v: ``(n, n)`` symmetric positive-definite matrix (the old covariance).
@@ -120,24 +167,14 @@ def solve_fixed_point(v: ArrayLike, e: ArrayLike) -> jax.Array:
     True
 
   References:
-    https://arxiv.org/abs/2010.00373 (section 3, the matrix equation and its
-    solution)
+    https://arxiv.org/abs/2010.00373 (section 3)
   """
   v = jnp.asarray(v)
   e = jnp.asarray(e, v.dtype)
   if v.ndim != 2 or v.shape[0] != v.shape[1] or e.shape != v.shape:
     raise ValueError(f"solve_fixed_point needs square v and e of the same shape, "
                      f"got v.shape={v.shape}, e.shape={e.shape}.")
-  v = 0.5 * (v + v.T)
-  ve = v @ e
-  b = v + 0.25 * (ve @ ve.T)
-  l_b = jnp.linalg.cholesky(0.5 * (b + b.T))
-  # One triangular solve for both L_B^-1 V E and L_B^-1 V.
-  sol = jax.scipy.linalg.solve_triangular(
-      l_b, jnp.concatenate([ve, v], axis=1), lower=True)
-  c, g = sol[:, :v.shape[0]], sol[:, v.shape[0]:]
-  s, lam, wt = jnp.linalg.svd(c)
-  return (g.T @ s) / (1.0 + 0.5 * lam)[None, :] @ wt
+  return solve_fixed_point_factor(jnp.linalg.cholesky(0.5 * (v + v.T)), e)
 
 
 def fixed_point_residual(x: ArrayLike, v: ArrayLike, e: ArrayLike) -> jax.Array:

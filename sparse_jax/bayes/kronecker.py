@@ -23,8 +23,8 @@ the paper's three updates with ``Psi_ref = Psi^T``, ``Phi_ref = Phi^T``:
     E_B = mean[Psi_ref A Phi_ref^T] / N   ->  E_B = mean[Psi^T A Phi] / n   (p x p)
 
 and ``A' = X(V = A A^T, E_A)``, ``B' = X(V = B B^T, E_B)`` with the matrix
-equation of :func:`sparse_jax.bayes.fixed_point.solve_fixed_point`; ``A`` and
-``B`` are both updated from the old values. Check (Stein's lemma): for
+equation of :func:`sparse_jax.bayes.fixed_point.solve_fixed_point_factor`; ``A``
+and ``B`` are both updated from the old values. Check (Stein's lemma): for
 ``L = tr(H_A W H_B W^T) / 2``, ``E[E_A] = H_A A tr(B^T H_B B) / p``, the row
 curvature scaled by the mean column curvature seen through ``B``.
 
@@ -115,7 +115,8 @@ def kron_mean_step(mean: ArrayLike, a: ArrayLike, b: ArrayLike,
            [-3., -3.]], dtype=float32)
   """
   a, b = jnp.asarray(a), jnp.asarray(b)
-  return jnp.asarray(mean) - eta * ((a @ a.T) @ jnp.asarray(psi_bar) @ (b @ b.T))
+  # A (A^T psi_bar B) B^T: the covariances are never formed.
+  return jnp.asarray(mean) - eta * (a @ ((a.T @ jnp.asarray(psi_bar)) @ b) @ b.T)
 
 
 def kron_covariance(a: ArrayLike, b: ArrayLike) -> jax.Array:

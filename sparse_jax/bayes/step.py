@@ -35,7 +35,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from sparse_jax.bayes.foovb import foovb_sample
+from sparse_jax.bayes.transform import foovb_sample
 
 PyTree = Any
 
@@ -94,7 +94,7 @@ def foovb_step(tx: optax.GradientTransformation, loss_fn: Callable[..., Any],
     the K samples of the last iteration.
 
   Example:
-    >>> from sparse_jax.bayes.foovb import foovb
+    >>> from sparse_jax.bayes.transform import foovb
     >>> tx = foovb(num_samples=2)
     >>> params = {"w": jnp.zeros(3)}
     >>> loss_fn = lambda p, y: jnp.sum((p["w"] - y) ** 2)
@@ -109,7 +109,7 @@ def foovb_step(tx: optax.GradientTransformation, loss_fn: Callable[..., Any],
   with_state = model_state is not None
 
   def one(carry, _):
-    params, opt_state, _ = carry
+    params, opt_state = carry
     samples = foovb_sample(opt_state, num_samples)
     if with_state:
       (losses, _), grads = sample_gradients(loss_fn, samples, model_state,
@@ -117,15 +117,14 @@ def foovb_step(tx: optax.GradientTransformation, loss_fn: Callable[..., Any],
     else:
       losses, grads = sample_gradients(loss_fn, samples, *args)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, opt_state, losses.mean()), None
+    return (optax.apply_updates(params, updates), opt_state), losses.mean()
 
-  zero = jax.numpy.zeros((), jax.numpy.float32)
   if iterations == 1:
-    (params, opt_state, loss), _ = one((params, opt_state, zero), None)
+    (params, opt_state), loss = one((params, opt_state), None)
   else:
-    (params, opt_state, loss), _ = jax.lax.scan(
-        one, (params, opt_state, zero), None, length=iterations)
+    (params, opt_state), losses = jax.lax.scan(
+        one, (params, opt_state), None, length=iterations)
+    loss = losses[-1]
   if with_state:
     _, model_state = loss_fn(params, model_state, *args)
   return params, opt_state, model_state, loss

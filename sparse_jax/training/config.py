@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from types import ModuleType
 from typing import Callable, Mapping
 
 import ml_collections
@@ -52,3 +55,25 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
       raise ValueError(f"unknown config variant {name!r}; known: {sorted(table)}")
     table[name](c)
   return c
+
+
+def load_config_module(path: str) -> ModuleType:
+  """Imports a config file (``configs/x.py``) by path; it has ``get_config(arg)``."""
+  name = "_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file not found: {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def teacher_data(**overrides) -> dict:
+  """``config.data`` of the teacher-student task used by the experiments.
+
+  64 Gaussian inputs, a ReLU teacher with 128 hidden units, 10 classes,
+  noiseless labels; ``overrides`` change any ``make_teacher_task`` argument.
+  """
+  return dict(dict(name="teacher", input_dim=64, num_classes=10, teacher_hidden=(128,),
+                   num_train=50_000, num_test=4_000, temperature=0.0, label_noise=0.0,
+                   seed=0), **overrides)

@@ -62,7 +62,7 @@ class KronFactors(NamedTuple):
 class FooVBPosterior(NamedTuple):
   """The Gaussian posterior: mean and covariance parameters."""
   mean: PyTree             # like params
-  std: PyTree              # like params; shape (0,) where the leaf is not diagonal
+  std: PyTree              # like params; None where the leaf is not diagonal
   kron: dict[str, KronFactors]  # per Kronecker group, keyed by the kernel's path
   scale: jax.Array | None  # "full": (D, D) with cov = scale scale^T
 
@@ -74,8 +74,8 @@ class FooVBState(NamedTuple):
     count: number of updates applied (int32).
     key: PRNG key of the next step's noise (advanced by every update).
     mean: the posterior mean, like params.
-    std: per-entry std of the diagonal leaves, like params (a ``(0,)``
-      placeholder for leaves that are fixed, Kronecker or full).
+    std: per-entry std of the diagonal leaves, like params (None for leaves
+      that are fixed, Kronecker or full).
     kron: ``{kernel path: KronFactors(a, b)}`` for ``covariance="kron"``.
     scale: the ``(D, D)`` square-root factor of the full covariance over the
       flattened Bayesian leaves (tree order), or None.
@@ -385,6 +385,70 @@ def foovb_std(opt_state: PyTree) -> PyTree:
 
 
 # ----------------------------------------------------------------------------
+# One fixed-point step per posterior kind (arrays in, arrays out).
+
+
+class _Hyper(NamedTuple):
+  eta: float
+  damping: float
+  forgetting: float
+
+
+def _relax(cur: jax.Array, new: jax.Array, weight: float) -> jax.Array:
+  return new if weight == 1.0 else cur + weight * (new - cur)
+
+
+def _diag_step(g: jax.Array, eps: jax.Array, mean: jax.Array, mean0: jax.Array,
+               std: jax.Array, std0: jax.Array, init_var: float,
+               hp: _Hyper) -> tuple[jax.Array, jax.Array]:
+  """BGD step of one leaf; ``mean0, std0`` is the prior, ``mean, std`` the iterate."""
+  gbar, geps = _sample_mean(g), _sample_mean(g * eps)
+  new_mean = _relax(mean, mean0 - hp.eta * (std0 * std0) * gbar, hp.damping)
+  new_std = fp.diagonal_std_update(std0, geps)
+  if hp.damping != 1.0:
+    new_std = fp.mix_std(std, new_std * new_std, hp.damping)
+  if hp.forgetting:
+    new_std = fp.mix_std(new_std, init_var, hp.forgetting)
+  return new_mean, new_std
+
+
+def _kron_step(psi: jax.Array, phi: jax.Array, mean: jax.Array,
+               mean0: jax.Array, fac: KronFactors, fac0: KronFactors,
+               init_var: float, hp: _Hyper) -> tuple[jax.Array, KronFactors]:
+  """Matrix-variate step of one group (``(K, rows, cols)`` gradients and noise)."""
+  psi_bar, e_a, e_b = kr.kron_statistics(psi, phi, fac.a, fac.b)
+  new_mean = _relax(mean, kr.kron_mean_step(mean0, fac0.a, fac0.b, psi_bar,
+                                            hp.eta), hp.damping)
+  a = fp.solve_fixed_point_factor(fac0.a, e_a)
+  b = fp.solve_fixed_point_factor(fac0.b, e_b)
+  if hp.damping != 1.0:
+    a = fp.mix_scale(fac.a, a @ a.T, hp.damping)
+    b = fp.mix_scale(fac.b, b @ b.T, hp.damping)
+  if hp.forgetting:
+    a = fp.mix_scale(a, init_var * jnp.eye(a.shape[0], dtype=a.dtype),
+                     hp.forgetting)
+    b = fp.mix_scale(b, init_var * jnp.eye(b.shape[0], dtype=b.dtype),
+                     hp.forgetting)
+  return new_mean, KronFactors(a=a, b=b)
+
+
+def _full_step(g: jax.Array, eps: jax.Array, mean: jax.Array, mean0: jax.Array,
+               scale: jax.Array, scale0: jax.Array, init_var: float,
+               hp: _Hyper) -> tuple[jax.Array, jax.Array]:
+  """Full-covariance step (``(K, D)`` gradients and noise)."""
+  e = g.T @ eps / g.shape[0]
+  step = scale0 @ (scale0.T @ _sample_mean(g))      # V gbar, V not formed
+  new_mean = _relax(mean, mean0 - hp.eta * step, hp.damping)
+  new_scale = fp.solve_fixed_point_factor(scale0, e)
+  if hp.damping != 1.0:
+    new_scale = fp.mix_scale(scale, new_scale @ new_scale.T, hp.damping)
+  if hp.forgetting:
+    new_scale = fp.mix_scale(new_scale, init_var * jnp.eye(
+        new_scale.shape[0], dtype=new_scale.dtype), hp.forgetting)
+  return new_mean, new_scale
+
+
+# ----------------------------------------------------------------------------
 # The transformation.
 
 
@@ -424,7 +488,7 @@ def foovb(
   * ``"full"``: one covariance ``L L^T`` over all Bayesian parameters
     flattened in tree order; ``mu <- mu - eta V gbar``, ``L <- X`` solving ``X
     X^T + V E X^T - V = 0`` in closed form
-    (:func:`~sparse_jax.bayes.fixed_point.solve_fixed_point`). Small models
+    (:func:`~sparse_jax.bayes.fixed_point.solve_fixed_point_factor`). Small models
     only (the exact reference for the others).
 
   ``update(grads, state, params)`` expects ``grads`` like params with a leading
@@ -450,6 +514,13 @@ def foovb(
   * ``forgetting=g`` in [0, 1]: after each update the covariance is mixed
     with the initial one, ``Sigma <- (1 - g) Sigma + g Sigma_0`` (a diffusion
     that keeps long streams plastic; the variance otherwise only shrinks).
+
+  Cost: the diagonal update regenerates the K noise arrays (as many Gaussian
+  draws as ``foovb_sample``), which dominates it. ``"kron"`` and ``"full"``
+  solve the matrix equation with a Cholesky factorisation and an SVD per
+  factor and step; on CPU these run in LAPACK on scipy's OpenBLAS, whose own
+  threads compete with XLA's: on a busy machine set ``OPENBLAS_NUM_THREADS=1``
+  (before numpy/scipy/jax are imported) or steps stall at random.
 
   Args:
     covariance: ``"diagonal"``, ``"kron"`` or ``"full"``.
@@ -530,6 +601,7 @@ def foovb(
                      f"forgetting={forgetting}.")
   init_key = _as_key(key)
   init_var = init_std ** 2
+  hp = _Hyper(eta=eta, damping=damping, forgetting=forgetting)
 
   def group_scale(g: lo.KronGroup) -> float:
     if kron_init == "alpha_split":
@@ -549,7 +621,7 @@ def foovb(
       if layout.kinds[i] == lo.DIAG:
         std.append(jnp.full(x.shape, init_std, cov_dtype(x.dtype)))
       else:
-        std.append(jnp.zeros((0,), cov_dtype(x.dtype)))
+        std.append(None)
     kron = {}
     for g in layout.groups:
       d = cov_dtype(jnp.asarray(leaves[g.kernel]).dtype)
@@ -601,9 +673,6 @@ def foovb(
       out.append(jnp.asarray(g))
     return out
 
-  def relax_mean(cur: jax.Array, new: jax.Array) -> jax.Array:
-    return new if damping == 1.0 else cur + damping * (new - cur)
-
   def update_fn(updates: PyTree, state: FooVBState, params: PyTree = None,
                 *, batch_size: int | None = batch_size,
                 **extra_args: Any) -> tuple[PyTree, FooVBState]:
@@ -639,60 +708,33 @@ def foovb(
       if kind == lo.FIXED:
         out[i] = _sample_mean(grads[i]).astype(dtypes[i])
       elif kind == lo.DIAG:
-        s_cur, s0 = cur_std[i], prior_std[i]
-        d = s_cur.dtype
-        g = scaled(grads[i], d)
-        eps = _normal(noise_key, i, num_samples, s_cur.shape, d)
-        gbar = _sample_mean(g)
-        geps = _sample_mean(g * eps)
-        m0 = prior_mean[i].astype(d)
-        m_new = relax_mean(cur_mean[i].astype(d), m0 - eta * (s0 * s0) * gbar)
-        s_new = fp.diagonal_std_update(s0, geps)
-        if damping != 1.0:
-          s_new = fp.mix_std(s_cur, s_new * s_new, damping)
-        if forgetting:
-          s_new = fp.mix_std(s_new, init_var, forgetting)
+        d = cur_std[i].dtype
+        eps = _normal(noise_key, i, num_samples, cur_std[i].shape, d)
+        m_new, new_std[i] = _diag_step(
+            scaled(grads[i], d), eps, cur_mean[i].astype(d),
+            prior_mean[i].astype(d), cur_std[i], prior_std[i], init_var, hp)
         new_mean[i] = m_new.astype(dtypes[i])
-        new_std[i] = s_new
 
     new_kron = {}
     for g in layout.groups:
-      fac, fac0 = cur.kron[g.name], prior.kron[g.name]
+      fac = cur.kron[g.name]
       d = fac.a.dtype
-      psi = scaled(_group_matrix(grads, g, d, (num_samples,)), d)
       phi = _normal(noise_key, g.kernel, num_samples, (g.rows, g.cols), d)
-      psi_bar, e_a, e_b = kr.kron_statistics(psi, phi, fac.a, fac.b)
-      m0 = _group_matrix(prior_mean, g, d)
-      m_new = kr.kron_mean_step(m0, fac0.a, fac0.b, psi_bar, eta)
-      m_new = relax_mean(_group_matrix(cur_mean, g, d), m_new)
-      a_new = fp.solve_fixed_point(fac0.a @ fac0.a.T, e_a)
-      b_new = fp.solve_fixed_point(fac0.b @ fac0.b.T, e_b)
-      if damping != 1.0:
-        a_new = fp.mix_scale(fac.a, a_new @ a_new.T, damping)
-        b_new = fp.mix_scale(fac.b, b_new @ b_new.T, damping)
-      if forgetting:
-        c2 = group_scale(g) ** 2
-        a_new = fp.mix_scale(a_new, c2 * jnp.eye(g.rows, dtype=d), forgetting)
-        b_new = fp.mix_scale(b_new, c2 * jnp.eye(g.cols, dtype=d), forgetting)
+      m_new, new_kron[g.name] = _kron_step(
+          scaled(_group_matrix(grads, g, d, (num_samples,)), d), phi,
+          _group_matrix(cur_mean, g, d), _group_matrix(prior_mean, g, d),
+          fac, prior.kron[g.name], group_scale(g) ** 2, hp)
       _scatter_group(new_mean, m_new, g, dtypes)
-      new_kron[g.name] = KronFactors(a=a_new, b=b_new)
 
     new_scale = cur.scale
     if layout.full:
       d = cur.scale.dtype
       gmat = scaled(_ravel_full(grads, layout, d, (num_samples,)), d)  # (K, D)
       eps = _normal(noise_key, len(cur_mean), num_samples, (gmat.shape[1],), d)
-      gbar = _sample_mean(gmat)
-      e = gmat.T @ eps / num_samples
-      v0 = prior.scale @ prior.scale.T
-      m_new = _ravel_full(prior_mean, layout, d) - eta * (v0 @ gbar)
-      m_new = relax_mean(_ravel_full(cur_mean, layout, d), m_new)
-      new_scale = fp.solve_fixed_point(v0, e)
-      if damping != 1.0:
-        new_scale = fp.mix_scale(cur.scale, new_scale @ new_scale.T, damping)
-      if forgetting:
-        new_scale = fp.mix_scale(new_scale, init_var * jnp.eye(
-            new_scale.shape[0], dtype=d), forgetting)
+      m_new, new_scale = _full_step(
+          gmat, eps, _ravel_full(cur_mean, layout, d),
+          _ravel_full(prior_mean, layout, d), cur.scale, prior.scale, init_var,
+          hp)
       _unravel_full(new_mean, m_new, layout, dtypes)
 
     if params is None:
