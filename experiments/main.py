@@ -16,7 +16,7 @@ import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy/scipy: see conftest
 
-from absl import app, flags  # noqa: E402, logging
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
