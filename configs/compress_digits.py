@@ -76,7 +76,7 @@ def get_config(arg=None):
   names = [a for a in (arg or "").split(",") if a]
   comp = [a for a in names if a in COMPRESSORS]
   feedback = [a for a in names if a in FEEDBACK]
-  if len(comp) > 1 or len(feedback) > 1 or (comp and not feedback):
+  if len(comp) > 1 or len(feedback) > 1 or bool(comp) != bool(feedback):
     raise ValueError(f"configs/compress_digits.py:{arg}: give one compressor "
                      f"{sorted(COMPRESSORS)} and one feedback {sorted(FEEDBACK)}, or "
                      "'dgc01', or nothing (dense)")

@@ -60,3 +60,9 @@ def test_bad_device_count(tmp_path):
     train_and_evaluate(c, str(tmp_path))
   with pytest.raises(ValueError, match="one compressor"):
     _config("topk1")
+
+
+@pytest.mark.parametrize("arg", ["ef", "topk1", "topk1,topk01,ef", "topk1,ef,noef"])
+def test_incomplete_compression_variant_is_an_error(arg):
+  with pytest.raises(ValueError, match="give one compressor"):
+    load_config_module(os.path.join(ROOT, "configs", "compress_digits.py")).get_config(arg)
