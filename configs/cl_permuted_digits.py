@@ -36,13 +36,14 @@ def bgd(c):
   c.train.step = "foovb"
   c.optimizer.name = "foovb"
   c.optimizer.kwargs = dict(covariance="diagonal", init_std=0.05, eta=1.0,
-                            num_samples=10)
+                            num_samples=10, forgetting=0.0)
 
 
 def foovb_kron(c):
   c.train.step = "foovb"
   c.optimizer.name = "foovb"
-  c.optimizer.kwargs = dict(covariance="kron", eta=1.0, num_samples=10)
+  c.optimizer.kwargs = dict(covariance="kron", eta=1.0, num_samples=10,
+                            forgetting=0.0)
 
 
 def continuous(c):
