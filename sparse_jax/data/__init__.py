@@ -18,6 +18,7 @@ from sparse_jax.data.mnist import load_mnist, read_idx
 from sparse_jax.data.teacher import make_teacher_task
 
 DATASETS = ("digits", "mnist", "cifar10", "teacher")
+"""The dataset names ``config.data.name`` (and :func:`load_dataset`) accepts."""
 
 
 _LOADERS = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10,

@@ -17,6 +17,7 @@ from sparse_jax.models.resnet import ResNet
 from sparse_jax.models.vit import ViT
 
 MODELS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "vit": ViT}
+"""Model classes by ``config.model.name`` (the names :func:`build_model` takes)."""
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,

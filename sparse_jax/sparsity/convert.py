@@ -1,5 +1,7 @@
-"""Post-training conversion to N:M: one-shot magnitude masks, then layer-wise
-reconstruction on a small calibration set (AdaPrune).
+"""Post-training conversion to N:M: one-shot masks, then AdaPrune reconstruction.
+
+One-shot magnitude masks, then layer-wise reconstruction of the kept weights
+on a small calibration set (AdaPrune).
 
 The model plumbing (caching each layer's inputs, BatchNorm re-estimation)
 belongs to the training code; everything here is a pure function of arrays.

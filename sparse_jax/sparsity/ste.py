@@ -1,5 +1,9 @@
-"""Straight-through N:M training: masked forward pass, dense gradients (STE),
-and SR-STE's decay on the pruned weights."""
+"""Straight-through N:M training: STE forward masking and the SR-STE transform.
+
+:func:`nm_ste` masks the params for the forward pass and passes the gradient
+straight through to the dense weights (STE); :func:`sr_ste` adds SR-STE's decay
+on the pruned weights to the gradients.
+"""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from sparse_jax.training.steps import (TrainState, evaluate, init_train_state,
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "supervised": train_and_evaluate, "continual": run_continual,
     "convert": run_conversion}
+"""Experiment runners by ``config.runner``: ``runner(config, workdir) -> results``."""
 
 
 def run_experiment(config, workdir: str, **kwargs) -> dict[str, Any]:

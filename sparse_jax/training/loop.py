@@ -109,8 +109,10 @@ def _data_parallel_builder(graphdef, tx, config):
 STEP_BUILDERS: dict[str, Callable[..., Any]] = {"standard": _standard_builder,
                                                 "foovb": _foovb_builder,
                                                 "data_parallel": _data_parallel_builder}
-"""``config.train.step`` -> ``builder(graphdef, tx, config)`` returning a pure
-``step(state, x, y) -> (state, metrics)`` (the loop jits it) or a :class:`StepPlan`."""
+"""Train-step builders by ``config.train.step`` name: standard, foovb, data_parallel.
+
+Each is ``builder(graphdef, tx, config)`` returning a pure ``step(state, x, y) ->
+(state, metrics)`` (the loop jits it) or a :class:`StepPlan`."""
 
 
 class _Preemption:

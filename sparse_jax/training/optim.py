@@ -35,6 +35,7 @@ class BuildContext(NamedTuple):
 
 Builder = Callable[..., optax.GradientTransformation]
 TRANSFORMS: dict[str, Builder] = {}
+"""Transform builders by the name a config's ``optimizer.pre`` / ``post`` uses."""
 
 
 def register_transform(name: str) -> Callable[[Builder], Builder]:
