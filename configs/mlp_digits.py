@@ -1,4 +1,4 @@
-"""Dense MLP (64-200-200-10) on scikit-learn's digits: the default experiment.
+"""Dense MLP (64-200-200-10) on scikit-learn's digits: the foundation baseline.
 
 Launch (from the repo root):
 

@@ -10,9 +10,9 @@ from its last checkpoint.
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import sys
+import traceback
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy/scipy: see conftest
 
@@ -22,6 +22,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_jax.training import run_experiment  # noqa: E402
+from sparse_jax.training.checkpoint import quiet_orbax_logging  # noqa: E402
 from sparse_jax.training.devices import ensure_cpu_devices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,9 +44,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  # orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter.
-  pylogging.getLogger("absl").addFilter(
-      lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
+  quiet_orbax_logging()
   if _NUM_PROCESSES.value > 1:
     from sparse_jax.compression import initialize_distributed
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -61,5 +60,19 @@ def main(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def _is_config_override_error(exc: BaseException) -> bool:
+  """A mistyped ``--config.x.y=`` key fails inside ml_collections' flag parser."""
+  frames = traceback.extract_tb(exc.__traceback__)
+  return any("config_flags" in f.filename for f in frames)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if not _is_config_override_error(e):
+      raise
+    message = str(e.args[0] if e.args else e).replace("\\n", " ")
+    message = " ".join(message.replace("\\", "").replace("'", "").split())
+    message = message.replace(" Did you", ". Did you")
+    sys.exit(f"error in a --config override: {message}")

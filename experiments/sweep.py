@@ -1,6 +1,6 @@
 """Runs one config over variants and seeds; writes a mean +- std table.
 
-    python experiments/sweep.py --config=configs/mlp_digits.py --variants=,smoke \
+    python experiments/sweep.py --config=configs/mlp_digits.py --variants=';smoke' \
         --seeds=0,1,2 --workdir=workdirs/sweep
 
 ``--variants`` is a ``;``-separated list of config args (each itself a comma-separated
@@ -22,6 +22,7 @@ from absl import app, flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_jax.training import run_experiment  # noqa: E402
+from sparse_jax.training.checkpoint import quiet_orbax_logging  # noqa: E402
 from sparse_jax.training.config import load_config_module  # noqa: E402
 from sparse_jax.training.devices import ensure_cpu_devices  # noqa: E402
 from sparse_jax.training.sweep import run_sweep  # noqa: E402
@@ -39,6 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  quiet_orbax_logging()
   module = load_config_module(_CONFIG.value)
   get_config = module.get_config
   defaults = getattr(module, "SWEEP", {})

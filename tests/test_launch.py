@@ -55,6 +55,7 @@ def test_mistyped_config_key_fails_naming_it(tmp_path):
                 "--config.optimizer.learing_rate=0.1")
   assert proc.returncode != 0
   assert "learing_rate" in proc.stderr and "learning_rate" in proc.stderr
+  assert "Traceback" not in proc.stderr  # one clear line, not a chained traceback
   assert not (tmp_path / "results.json").exists()
 
 

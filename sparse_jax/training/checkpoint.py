@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -56,3 +57,12 @@ class Checkpointer:
 
 def _to_tree(state: Any) -> Any:
   return state._asdict() if hasattr(state, "_asdict") else state
+
+
+def quiet_orbax_logging() -> None:
+  """Drops orbax's INFO chatter (a dozen lines per checkpoint) from the absl log.
+
+  Orbax's warnings and errors, and every other module's INFO lines, still show.
+  """
+  logging.getLogger("absl").addFilter(
+      lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
