@@ -8,18 +8,20 @@ The curated public API (``import sparse_jax as sj``):
   (more in ``sj.sparsity``);
 - gradient compression: ``sj.error_feedback`` and the compressors
   ``sj.compression.top_k``, ``rand_k``, ``threshold``, ``lognormal``, ``nm``;
-- online variational Bayes: ``sj.foovb``, ``sj.foovb_sample`` (prediction and more
-  in ``sj.bayes``);
+- online variational Bayes: ``sj.foovb``, ``sj.foovb_sample``,
+  ``sj.foovb_nm_projection`` (its mean on transposable N:M masks scored by
+  ``|mean| / std``; prediction and more in ``sj.bayes``);
 - plumbing: ``sj.models``, ``sj.data``, ``sj.training``.
 """
 
 from sparse_jax import bayes, compression, data, masks, models, sparsity, training
-from sparse_jax.bayes import foovb, foovb_sample
+from sparse_jax.bayes import foovb, foovb_nm_projection, foovb_sample
 from sparse_jax.compression import error_feedback
 from sparse_jax.sparsity import nm_convert, nm_projection, nm_ste, sr_ste
 
 __version__ = "0.1.0"
 
-__all__ = ["bayes", "compression", "data", "error_feedback", "foovb", "foovb_sample",
+__all__ = ["bayes", "compression", "data", "error_feedback", "foovb",
+           "foovb_nm_projection", "foovb_sample",
            "masks", "models", "nm_convert", "nm_projection", "nm_ste", "sparsity",
            "sr_ste", "training"]

@@ -19,6 +19,8 @@ Modules:
   layout       which params leaf gets which posterior (static).
   transform    the optax transform foovb, sampling, state helpers.
   step         a training step (K sampled gradients, BatchNorm statistics).
+  sparse       the posterior mean projected onto (transposable) N:M masks
+               scored by |mean| / std (foovb_nm_projection).
   predict      mean / MC / committee / BMA prediction, entropy, ECE, NLL.
 """
 
@@ -54,13 +56,22 @@ from sparse_jax.bayes.predict import (
     sample_logits,
 )
 from sparse_jax.bayes.step import foovb_step, sample_gradients
+from sparse_jax.bayes.sparse import (
+    FooVBNMState,
+    apply_masks,
+    foovb_nm_masks,
+    foovb_nm_projection,
+    foovb_snr,
+)
 
 __all__ = [
+    "FooVBNMState",
     "FooVBPosterior",
     "FooVBState",
     "KronFactors",
     "accuracy",
     "alpha_split_init",
+    "apply_masks",
     "bma_log_probs",
     "bma_probs",
     "committee_vote",
@@ -70,8 +81,11 @@ __all__ = [
     "find_foovb_state",
     "fixed_point_residual",
     "foovb",
+    "foovb_nm_masks",
+    "foovb_nm_projection",
     "foovb_sample",
     "foovb_set_mean",
+    "foovb_snr",
     "foovb_std",
     "foovb_step",
     "kron_covariance",

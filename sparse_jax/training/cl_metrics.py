@@ -36,13 +36,13 @@ def forgetting(acc: np.ndarray) -> float:
 
 def plot_accuracy_matrix(acc: np.ndarray, path: str, *, title: str = "") -> str:
   """Saves a heatmap of ``acc`` (rows: after task i; columns: task j) as PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A bare Figure (no pyplot): works headless and leaves a notebook's backend alone.
+  from matplotlib.figure import Figure
 
   acc = np.asarray(acc, float)
   t = acc.shape[0]
-  fig, ax = plt.subplots(figsize=(1.0 + 0.55 * t, 0.8 + 0.5 * t))
+  fig = Figure(figsize=(1.0 + 0.55 * t, 0.8 + 0.5 * t))
+  ax = fig.subplots()
   im = ax.imshow(100 * acc, vmin=0, vmax=100, cmap="viridis")
   for i in range(t):
     for j in range(acc.shape[1]):
@@ -57,5 +57,4 @@ def plot_accuracy_matrix(acc: np.ndarray, path: str, *, title: str = "") -> str:
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
