@@ -9,7 +9,8 @@ to the EWC oracle). Metric: final average test accuracy, mean weights.
 
 Methods (variants): ``sgd`` (lr 0.1), ``adam`` (1e-3), ``ewc`` (online EWC oracle,
 SGD lr 0.01), ``bgd`` (FOO-VB diagonal, std_init 0.1, eta 0.5), ``foovb_kron`` (FOO-VB
-Kronecker, forgetting 1e-4). Streams: ``continuous`` (tasks blend gradually).
+Kronecker, forgetting 1e-4), ``foovb_full`` (one full covariance, with ``tiny``: an
+MLP 64-8-10). Streams: ``continuous`` (tasks blend gradually).
 ``smoke`` shrinks everything. Hyperparameters were chosen on seed 0 of this stream
 (SGD lr in {0.003, 0.01, 0.03, 0.1, 0.3}, Adam in {3e-4, 1e-3, 3e-3}, BGD std_init x
 eta in {0.03..0.15} x {0.3..3}, kron and BGD forgetting in {0, 1e-4, 1e-3}); ALGORITHMS.md D's
@@ -59,6 +60,19 @@ def foovb_kron(c):
                             forgetting=1e-4)
 
 
+def foovb_full(c):
+  """FOO-VB with one full covariance: for the ``tiny`` model only."""
+  c.train.step = "foovb"
+  c.optimizer.name = "foovb"
+  c.optimizer.kwargs = dict(covariance="full", init_std=0.05, eta=5.0, num_samples=10,
+                            forgetting=0.0)
+
+
+def tiny(c):
+  """MLP 64-8-10 (610 params): small enough for ``foovb_full``."""
+  c.model.hidden = (8,)
+
+
 def continuous(c):
   c.stream.kind = "continuous"
 
@@ -87,5 +101,6 @@ def get_config(arg=None):
                                          fisher_examples=500))
   sgd(c)
   return apply_variants(c, arg, {"sgd": sgd, "adam": adam, "ewc": ewc, "bgd": bgd,
-                                 "foovb_kron": foovb_kron, "continuous": continuous,
+                                 "foovb_kron": foovb_kron, "foovb_full": foovb_full,
+                                 "tiny": tiny, "continuous": continuous,
                                  "smoke": smoke})

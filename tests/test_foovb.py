@@ -120,9 +120,11 @@ def test_kron_update_consistent_with_samples():
   np.testing.assert_allclose(got.b @ got.b.T, want_b @ want_b.T, rtol=1e-3, atol=1e-7)
 
 
-def test_full_update_consistent_with_samples():
+@pytest.mark.parametrize("centered", [False, True])
+def test_full_update_consistent_with_samples(centered):
   params, eta = _params(), 0.3
-  tx = foovb(covariance="full", num_samples=K, eta=eta, init_std=0.2, key=5)
+  tx = foovb(covariance="full", num_samples=K, eta=eta, init_std=0.2, key=5,
+             centered=centered)
   state = tx.init(params)
   d = 4 * 3 + 3 + 3
   assert state.scale.shape == (d, d)
@@ -144,7 +146,8 @@ def test_full_update_consistent_with_samples():
   eps = jnp.linalg.solve(scale, (theta - mu).T).T
   v = scale @ scale.T
   want_mu = mu - eta * v @ g.mean(0)
-  want_x = fp.solve_fixed_point(v, g.T @ eps / K)
+  e = ((g - g.mean(0)).T @ eps / (K - 1)) if centered else (g.T @ eps / K)
+  want_x = fp.solve_fixed_point(v, e)
   np.testing.assert_allclose(flat(new.mean), want_mu, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(new.scale @ new.scale.T, want_x @ want_x.T,
                              rtol=1e-3, atol=1e-7)
@@ -424,3 +427,34 @@ def test_state_round_trips_through_orbax(covariance, tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, foovb_sample(restored, K),
                foovb_sample(state, K))
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "kron", "full"])
+def test_centered_covariance_update_ignores_the_gradient_offset(covariance):
+  # Quadratic loss 0.5 * sum h (p - c)^2: g_k = h (theta_k - c). Moving the target
+  # c changes every g_k by the same vector, so the centred covariance statistic,
+  # (g_k - gbar), and hence the new covariance, do not change; the papers'
+  # estimator mean_k g_k eps_k picks up gbar * epsbar and does change.
+  params = _params()
+  def new_cov(c, centered):
+    tx = foovb(covariance=covariance, num_samples=K, init_std=0.1, key=3,
+               centered=centered, kron_init="std")
+    state = tx.init(params)
+    loss = lambda p: sum(jnp.sum(0.5 * 3.0 * (x - c) ** 2)
+                         for x in jax.tree.leaves(p))
+    grads = jax.vmap(jax.grad(loss))(foovb_sample(state, K))
+    _, new = tx.update(grads, state, params)
+    # Covariances (the factors are unique only up to a rotation).
+    factors = [f for f in jax.tree.leaves((new.kron, new.scale)) if f.ndim == 2]
+    return ([np.asarray(x) for x in jax.tree.leaves(new.std)]
+            + [np.asarray(f @ f.T) for f in factors])
+  for a, b in zip(new_cov(0.0, True), new_cov(5.0, True)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
+  assert any(not np.allclose(a, b, rtol=1e-2, atol=1e-3)
+             for a, b in zip(new_cov(0.0, False), new_cov(5.0, False)))
+
+
+def test_centered_needs_two_samples():
+  with pytest.raises(ValueError, match="num_samples >= 2"):
+    foovb(covariance="full", num_samples=1)
+  foovb(covariance="full", num_samples=1, centered=False)  # the papers' estimator
