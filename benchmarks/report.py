@@ -70,14 +70,13 @@ SWEEP_COMMANDS = {
     "compress_digits": _sweep_command("compress_digits", "compress_digits"),
     "compress_teacher": _sweep_command("compress_digits", "compress_teacher",
                                        " --base=teacher"),
-    "cl_permuted_digits": _sweep_command(
-        "cl_permuted_digits", "cl_permuted_digits",
-        " --variants='sgd;adam;ewc;bgd;foovb_kron'"
-        " --metrics=average_accuracy,forgetting,backward_transfer"),
-    "cl_split_digits": _sweep_command(
-        "cl_split_digits", "cl_split_digits",
-        " --base=domain --variants='sgd;adam;ewc;bgd;foovb_kron'"
-        " --metrics=average_accuracy,forgetting,backward_transfer"),
+    "cl_permuted_digits": _sweep_command("cl_permuted_digits", "cl_permuted_digits"),
+    "cl_continuous_digits": _sweep_command("cl_permuted_digits", "cl_continuous_digits",
+                                           " --base=continuous"),
+    "cl_split_digits": _sweep_command("cl_split_digits", "cl_split_digits"),
+    "cl_tiny_digits": _sweep_command(
+        "cl_permuted_digits", "cl_tiny_digits",
+        " --variants='sgd,tiny;adam,tiny;bgd,tiny;foovb_kron,tiny;foovb_full,tiny'"),
 }
 EXPECTED_SWEEPS = ("nm_teacher", "nm_convert", "compress_digits", "compress_teacher")
 
