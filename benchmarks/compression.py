@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.compression            # full sizes (~1-2 minutes)
     python -m benchmarks.compression --quick    # smoke run, seconds
+    python -m benchmarks.compression --only step   # the train-step rows only
 
 Rows (ratios against references measured in the same run):
 
@@ -22,7 +23,16 @@ Rows (ratios against references measured in the same run):
   cost grows with the parameters only, so the ratio falls with the batch),
   and, without a target, data-parallel on 8 CPU devices of this machine
   (every device compresses a whole gradient for 1/8 of the batch, and there
-  is no network to save).
+  is no network to save). The single-device steps run like a real training
+  loop (``sparse_jax.training`` does the same): params and optimizer state
+  are donated to the step and each call takes the previous call's outputs,
+  so the residual is updated in place and the error-feedback state evolves
+  as in training.
+
+``--only step`` (or ``selection``, ``bytes``) runs one group of rows and
+writes ``results/partial/compression-step.json`` (etc.), leaving
+``results/compression.json`` (and the docs built from ``results/*.json``)
+alone.
 
 All timings alternate between the functions compared (several rounds, min):
 the machine is shared, and a load spike should not land on one side only.
@@ -43,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.timing import Report, time_fn  # noqa: E402
+from benchmarks.timing import RESULTS_DIR, Report, time_fn  # noqa: E402
 import sparse_jax.compression as C  # noqa: E402
 
 
@@ -169,27 +179,33 @@ def step_rows(report: Report, sizes, batch_size: int, repeats: int,
            "y": jnp.asarray(rng.integers(0, sizes[-1], size=(batch_size,)))}
   d = sum(v.size for v in params.values())
 
-  def make_step(tx):
-    @jax.jit
-    def step(params, state, batch):
-      grads = jax.grad(mlp_loss)(params, batch)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-    return step
+  class TrainLoop:
+    """A donated jitted step whose every call continues from the last one."""
+
+    def __init__(self, tx, batch):
+      def step(params, state, batch):
+        grads = jax.grad(mlp_loss)(params, batch)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+      self.step = jax.jit(step, donate_argnums=(0, 1))
+      self.params = jax.tree.map(jnp.array, params)   # own buffers
+      self.state = jax.tree.map(jnp.array, tx.init(self.params))
+      self.batch = batch
+
+    def __call__(self):
+      self.params, self.state = self.step(self.params, self.state, self.batch)
+      return self.params
 
   dense_tx = optax.sgd(0.05)
   ef_tx = C.error_feedback(C.top_k(0.001), learning_rate=0.05,
                            mask=kernels_only)
-  p = jax.tree.map(jnp.asarray, params)
-  dense_step, ef_step = make_step(dense_tx), make_step(ef_tx)
-  ds, es = dense_tx.init(p), ef_tx.init(p)
   # The compression cost grows with the parameters, the step with the batch
   # too: the ratio is measured at two batch sizes.
   big = {"x": jnp.tile(batch["x"], (4, 1)), "y": jnp.tile(batch["y"], 4)}
-  times = interleaved({"dense": lambda: dense_step(p, ds, batch),
-                       "ef": lambda: ef_step(p, es, batch),
-                       "dense_big": lambda: dense_step(p, ds, big),
-                       "ef_big": lambda: ef_step(p, es, big)},
+  times = interleaved({"dense": TrainLoop(dense_tx, batch),
+                       "ef": TrainLoop(ef_tx, batch),
+                       "dense_big": TrainLoop(dense_tx, big),
+                       "ef_big": TrainLoop(ef_tx, big)},
                       rounds=rounds, repeats=repeats)
   for suffix, size in (("", batch_size), ("_big", 4 * batch_size)):
     report.add(f"dense SGD step, 1 device, batch {size} (reference)",
@@ -228,6 +244,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="small sizes: a smoke run in seconds")
+  parser.add_argument("--only", choices=("selection", "bytes", "step"),
+                      help="run one group of rows only")
   args = parser.parse_args(argv)
   if args.quick:
     d, repeats, rounds = 1 << 20, 3, 1
@@ -235,11 +253,17 @@ def main(argv=None) -> None:
   else:
     d, repeats, rounds = 11_000_000, 10, 5
     sizes, batch_size = (784, 1024, 1024, 10), 256
-  report = Report("compression", quick=args.quick)
-  selection_rows(report, d, repeats)
-  bytes_rows(report, sizes, batch_size)
-  step_rows(report, sizes, batch_size, repeats, rounds)
-  report.write()
+  report = Report("compression", quick=args.quick, only=args.only)
+  if args.only in (None, "selection"):
+    selection_rows(report, d, repeats)
+  if args.only in (None, "bytes"):
+    bytes_rows(report, sizes, batch_size)
+  if args.only in (None, "step"):
+    step_rows(report, sizes, batch_size, repeats, rounds)
+  # A partial run leaves the full run's results/compression.json alone, and
+  # stays out of results/*.json, which benchmarks/report.py turns into docs.
+  report.write(None if args.only is None else os.path.join(
+      RESULTS_DIR, "partial", f"compression-{args.only}.json"))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,43 @@ def test_compress_under_jit_and_vmap_has_static_shapes():
           np.argsort(-np.abs(x), kind="stable")[:100]))
 
 
+def test_add_to_scatters_in_the_target_shape_and_drops_padding():
+  """add_to on 1-D/2-D/3-D targets (one or stacked compressed) = brute force."""
+  rng = np.random.default_rng(0)
+  for shape in [(37,), (12, 10), (3, 4, 5)]:
+    size = math.prod(shape)
+    comp = C.top_k(0.1)
+    target = rng.normal(size=shape).astype(np.float32)
+    # Two workers' buffers; the last slot is padding (index == size).
+    index = np.stack([rng.choice(size, 4, replace=False),
+                      rng.choice(size, 4, replace=False)]).astype(np.int32)
+    index[:, -1] = size
+    values = rng.normal(size=index.shape).astype(np.float32)
+    values[:, -1] = 0.0
+    stacked = C.Compressed(jnp.asarray(values), jnp.asarray(index))
+    got = jax.jit(lambda t, c: comp.add_to(t, c, -2.0))(
+        jnp.asarray(target), stacked)
+    expect = target.ravel().copy()
+    for row_i, row_v in zip(index, values):
+      for i, v in zip(row_i, row_v):
+        if i < size:
+          expect[i] += -2.0 * v     # duplicates across workers add up
+    np.testing.assert_allclose(got, expect.reshape(shape), rtol=1e-6)
+    one = C.Compressed(jnp.asarray(values[0]), jnp.asarray(index[0]))
+    np.testing.assert_allclose(
+        comp.add_to(jnp.asarray(target), one),
+        jnp.asarray(target) + comp.decompress(one, shape), rtol=1e-6)
+
+
+def test_add_to_structured_nm_indices_in_2d():
+  comp = C.nm(2, 4, axis=0)
+  x = jax.random.normal(KEY, (8, 6))
+  c = comp.compress(x, KEY)
+  base = jnp.arange(48.0).reshape(8, 6)
+  expect = np.asarray(base) + np.asarray(nm_prune(x, 2, 4, axis=0))
+  np.testing.assert_allclose(comp.add_to(base, c), expect, rtol=1e-6)
+
+
 # -------------------------------------------------------------- rand-k --
 
 

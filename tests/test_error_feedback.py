@@ -1,5 +1,6 @@
 """error_feedback: the update rules, the invariants and the failure modes."""
 
+import functools
 import math
 
 import jax
@@ -173,6 +174,45 @@ def test_wire_bytes_in_state_match_the_formula_for_n_workers():
                        num_workers=8, mask={"a": True, "b": False})
   assert w.sent == w.received == 7 * 100 * 8 + 2 * 7 / 8 * 40
   assert w.dense == 2 * 7 / 8 * 4 * 10_010
+
+
+def test_ef_on_a_large_kernel_with_donated_state():
+  """The fast top-k path (>= 2**15 entries), state and params donated.
+
+  The residual is then updated in place in the donated memory; the result,
+  the memory and the error ratio must be those of the EF14 recursion, and a
+  second state of the same transform must not share a donated buffer.
+  """
+  rng = np.random.default_rng(7)
+  lr, shape = 0.05, (256, 200)
+  k = C.kept_count(0.001, 256 * 200)
+  tx = C.error_feedback(C.top_k(0.001), learning_rate=lr)
+  params = {"w": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+  other = tx.init(params)                        # never donated
+  state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, g):
+    upd, state = tx.update(g, state, params)
+    return optax.apply_updates(params, upd), state
+
+  w = np.asarray(params["w"]).copy()
+  e = np.zeros(shape, np.float32)
+  for _ in range(3):
+    g = rng.normal(size=shape).astype(np.float32)
+    params, state = step(params, state, {"w": jnp.asarray(g)})
+    p = e + lr * g
+    c = np_top_k(p, k)
+    e, w = p - c, w - c
+    np.testing.assert_allclose(state.local.memory["w"], e, rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_allclose(params["w"], w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(state.local.error_ratio,
+                               np.linalg.norm(e) / np.linalg.norm(lr * g),
+                               rtol=1e-4)
+  # The other state is intact (its key buffer was not donated with state's).
+  upd, _ = tx.update({"w": jnp.ones(shape)}, other, params)
+  assert int(jnp.sum(upd["w"] != 0)) == k
 
 
 # -------------------------------------------------------------- the math --

@@ -95,10 +95,16 @@ class Compressor(NamedTuple):
     flat = self.flat_indices
     for _ in range(values.ndim - 1):
       flat = jax.vmap(flat, in_axes=(0, None))
-    index = flat(compressed.indices, shape)
-    out = target.reshape(size).at[index.reshape(-1)].add(
-        values.reshape(-1).astype(target.dtype), mode="drop")
-    return out.reshape(shape)
+    index = flat(compressed.indices, shape).reshape(-1)
+    values = values.reshape(-1).astype(target.dtype)
+    if len(shape) <= 1:
+      return target.reshape(size).at[index].add(values, mode="drop").reshape(
+          shape)
+    # Scatter in the target's own shape (no reshape around the scatter):
+    # then XLA rewrites ``x + add_to(zeros, c)`` (e.g. optax.apply_updates
+    # of a compressed step) into one scatter into ``x``, with no dense zero
+    # buffer and no extra pass.
+    return target.at[_unravel(index, shape)].add(values, mode="drop")
 
   def zero_where_sent(self, target: jax.Array,
                       compressed: Compressed) -> jax.Array:
@@ -165,6 +171,17 @@ def _pack(flat: jax.Array, source: jax.Array, index: jax.Array) -> Compressed:
     dense = jnp.zeros_like(flat).at[index].set(values, mode="drop")
     return Compressed(dense, jnp.zeros((0,), _INDEX_DTYPE))
   return Compressed(values, index.astype(_INDEX_DTYPE))
+
+
+def _unravel(index: jax.Array, shape: Sequence[int]) -> tuple[jax.Array, ...]:
+  """Row-major coordinates of flat indices; ``prod(shape)`` (padding) maps to
+  an out-of-bounds first coordinate, which a ``mode="drop"`` scatter drops."""
+  coords = []
+  for dim in reversed(tuple(shape)[1:]):
+    coords.append(index % dim)
+    index = index // dim
+  coords.append(index)
+  return tuple(reversed(coords))
 
 
 def _flat_identity(indices: jax.Array, shape: Sequence[int]) -> jax.Array:

@@ -295,7 +295,7 @@ def error_feedback(
     zero = jnp.zeros((), jnp.float32)
     return ErrorFeedbackState(
         count=jnp.zeros((), jnp.int32),
-        key=base_key,
+        key=jnp.array(base_key),   # its own buffer (states may be donated)
         server=compressed() if variant == "ef21" else empty,
         dense_momentum=(zeros_where(flags, leaves, False, treedef)
                         if variant == "dgc" else empty),
@@ -349,7 +349,11 @@ def error_feedback(
     to_send = {}
     for i in idx:
       if variant == "ef":
-        to_send[i] = memory[i] + incoming[i]
+        # Materialised once (the barrier keeps XLA from recomputing e + lr g
+        # inside every consumer): the selection and the norms read p, and
+        # the residual scatter then updates it in place (in the donated
+        # memory buffer when the state is donated).
+        to_send[i] = jax.lax.optimization_barrier(memory[i] + incoming[i])
       elif variant == "none":
         to_send[i] = incoming[i]
       elif variant == "ef21":
@@ -370,15 +374,21 @@ def error_feedback(
       for i in idx:
         p = to_send[i]
         c = comp.compress(p, jax.random.fold_in(key, i))
-        unsent_sq.append(_unsent_sq_norm(comp, p, c))
+        if variant in ("ef", "dgc"):
+          # The residual p - c_i, updated in place; its norm is read from it
+          # after the scatter (a sum over p before the scatter would make
+          # XLA:CPU copy p first).
+          residual = comp.add_to(p, c, -1.0)
+          kept_back.append(residual)
+          unsent_sq.append(jnp.sum(jnp.square(residual.astype(jnp.float32))))
+        else:
+          kept_back.append(comp.add_to(memory[i], c) if variant == "ef21"
+                           else None)
+          unsent_sq.append(_unsent_sq_norm(comp, p, c))
         if variant == "ef21":
           # h_i <- h_i + c_i; h <- h + mean_i c_i (the step is h).
-          kept_back.append(comp.add_to(memory[i], c))
           base = server[i]
         else:
-          # The residual p - c_i ("none" keeps nothing).
-          kept_back.append(None if variant == "none" else
-                           comp.add_to(p, c, -1.0))
           base = jnp.zeros(p.shape, p.dtype)  # not zeros_like: p varies
         # The output sign is folded into the scatter (no extra dense pass),
         # except for EF21 whose server estimate h is stored as is.
@@ -425,7 +435,10 @@ def error_feedback(
         new_dense_mom[i] = x
       out[i] = sign * x
 
-    in_norm = _global_norm([incoming[i] for i in idx])
+    # ||lr g||, as |lr| ||g||: reads the gradient itself (no dense lr * g is
+    # kept around just for this norm).
+    in_norm = jnp.abs(jnp.asarray(lr, jnp.float32)) * _global_norm(
+        [grads[i] for i in idx])
     ratio = jnp.sqrt(unsent_sq) / jnp.where(in_norm > 0, in_norm, 1.0)
     ratio = jnp.where(in_norm > 0, ratio, 0.0)
     wire_row = wire_table(grads, flags, n)[level]

@@ -14,36 +14,58 @@ Both return static shapes, so they work under ``jit``, ``vmap`` and inside
 ``jax.shard_map``; unused buffer slots carry the index ``d`` (one past the
 end), so a scatter with ``mode="drop"`` ignores them.
 
-How the fast top-k works: the ``k``-th largest ``|x|`` is estimated from a
-strided sample; a threshold ``t`` a little below it (the sample quantile for
-``margin * k`` entries) makes a few candidates, ``~margin * k``. Blocks of
-``block`` consecutive entries holding a candidate are flagged in one fused
-read of ``x`` (a block-wise ``any``), their indices compacted
-(:func:`compact` over ``d / block`` flags only), the flagged blocks gathered,
-the candidates among them compacted again, and ``lax.top_k`` runs on that
-small buffer. Every entry that is not gathered
-is ``< t``; when at least ``k`` gathered entries are ``>= t`` the answer is
-therefore exact. Otherwise (bad sample, many ties, too many flagged blocks)
+How the fast top-k works. ONE pass over ``x`` computes the maximum ``|x|`` of
+every block of ``block`` consecutive entries (as ``max(max x, -min x)``, which
+XLA:CPU reads in one vectorised pass), and a sum over ``x`` checks for NaN.
+Every other step works on arrays of size ``~d / block`` or ``~k``:
+
+1. a threshold ``t``: the block maximum ranked ``margin * k`` in a fixed
+   pseudo-random sample of the block maxima (random, not strided: a stride
+   aliases with the rows of a weight matrix, and a gradient's magnitude
+   often depends on the column), scaled to the number of blocks;
+2. the blocks whose maximum is ``>= t`` (``~margin * k`` of them) are
+   compacted in index order (:func:`compact`: the flags packed 32 to a word,
+   a prefix count over the words, a binary search and a bit search), and
+   gathered;
+3. the gathered entries ``>= t`` are compacted again (index order) and
+   ``lax.top_k`` runs on that small buffer.
+
+A block whose maximum is ``< t`` holds no entry ``>= t``, so every entry that
+is not gathered is ``< t``; when at least ``k`` gathered entries are ``>= t``
+the answer is therefore exact (ties: the buffer is in index order, and
+``lax.top_k`` prefers the lower position). Otherwise (many ties at ``t``, too
+many flagged blocks or candidates, or a NaN anywhere: XLA:CPU's vectorised
+max/min reductions may drop NaN, so a NaN is detected by a sum instead)
 ``lax.cond`` falls back to the full ``lax.top_k``, so the result is always
-exact; only the speed depends on the data.
+exact; only the speed depends on the data. On gradients the fast path is the
+one taken: the threshold is a sample quantile of ``~200`` block maxima, so the
+number of flagged blocks stays within ``(1.5 +- 0.4) k`` (the buffer holds
+``2 k``; measured on the benchmark MLP's gradients over 150 steps, none fell
+back).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Below this size lax.top_k / compact() on the whole array are cheap enough.
 _MIN_FAST_SIZE = 1 << 15
-# Strided sample used to estimate the k-th largest magnitude.
-_SAMPLE_SIZE = 1 << 16
-# Candidates aimed for, as a multiple of k (the threshold sits this far below
-# the estimated k-th largest magnitude).
+# Block maxima sampled to estimate the threshold.
+_SAMPLE_BLOCKS = 1 << 13
+# Blocks flagged, as a multiple of k (the threshold is the block maximum of
+# this rank, estimated from the sample).
 _MARGIN = 1.5
 # Flagged blocks the compaction buffer holds, as a multiple of k.
 _BLOCK_CAPACITY = 2.0
+# Candidate entries the second buffer holds, as a multiple of k (a flagged
+# block may hold several entries >= t when large entries cluster).
+_CANDIDATE_CAPACITY = 4.0
+_WORD = 32   # flags per packed word in compact()
 
 
 def _not_below(a: jax.Array, t: jax.Array) -> jax.Array:
@@ -59,44 +81,95 @@ def _block_size(d: int, slots: int) -> int:
   return 0
 
 
+def _sample_size(num_blocks: int) -> int:
+  return min(num_blocks, _SAMPLE_BLOCKS)
+
+
+def _sample_rank(k: int, num_blocks: int) -> int:
+  return math.ceil(_MARGIN * k * _sample_size(num_blocks) / num_blocks)
+
+
 def _fast_path_ok(d: int, k: int) -> bool:
   if d < _MIN_FAST_SIZE:
     return False
-  slots = math.ceil(_BLOCK_CAPACITY * k)
-  stride = max(1, d // _SAMPLE_SIZE)
-  sample = -(-d // stride)
-  rank = math.ceil(_MARGIN * k * sample / d)
-  return _block_size(d, slots) > 0 and rank < sample
+  block = _block_size(d, math.ceil(_BLOCK_CAPACITY * k))
+  if not block:
+    return False
+  num_blocks = d // block
+  return _sample_rank(k, num_blocks) < _sample_size(num_blocks)
 
 
-_ROW = 256   # row length of the two-level prefix sum in compact()
+@functools.lru_cache(maxsize=64)
+def _sample_positions(num_blocks: int, size: int) -> np.ndarray:
+  """A fixed pseudo-random ``size``-subset of ``range(num_blocks)``, sorted."""
+  rng = np.random.default_rng(0x5EEC7)
+  return np.sort(rng.choice(num_blocks, size, replace=False)).astype(np.int32)
 
 
-def _prefix_count(mask: jax.Array) -> jax.Array:
-  """Inclusive prefix sum of a 1-D bool array, as int32.
+def _block_max(x: jax.Array, block: int) -> jax.Array:
+  """Max ``|x|`` of each of the ``len(x) // block`` full blocks.
 
-  Rows of 256 are summed with a matmul against a triangular matrix (exact:
-  at most 256 ones per row, and much faster on CPU than ``jnp.cumsum``),
-  then the row totals with an ordinary ``cumsum`` over ``n / 256`` rows.
+  NaN is NOT reliably propagated (XLA:CPU's vectorised max/min may drop it);
+  callers check :func:`_has_nan` separately.
   """
+  nb = x.shape[0] // block
+  main = x[:nb * block].reshape(nb, block)
+  # max(max, -min) rather than max(|x|): XLA:CPU's fast reduction path
+  # then reads x once, without an elementwise pass first.
+  return jnp.maximum(jnp.max(main, axis=1), -jnp.min(main, axis=1))
+
+
+def _has_nan(x: jax.Array) -> jax.Array:
+  """True if ``x`` holds a NaN (or both +inf and -inf): one summing pass.
+
+  A sum, not ``jnp.max``: XLA:CPU's vectorised max/min reductions may drop
+  NaN; a sum never does.
+  """
+  return jnp.isnan(jnp.sum(x))
+
+
+def _pack(mask: jax.Array) -> jax.Array:
+  """A 1-D bool array packed into uint32 words, bit ``i`` of word ``w`` =
+  ``mask[32 w + i]`` (zero-padded)."""
   n = mask.shape[0]
-  if n < 4 * _ROW:
-    return jnp.cumsum(mask, dtype=jnp.int32)
-  rows = -(-n // _ROW)
-  padded = jnp.pad(mask, (0, rows * _ROW - n)).reshape(rows, _ROW)
-  tri = jnp.triu(jnp.ones((_ROW, _ROW), jnp.float32))
-  within = jnp.matmul(padded.astype(jnp.float32), tri,
-                      precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)
-  offset = jnp.cumsum(within[:, -1]) - within[:, -1]
-  return (within + offset[:, None]).reshape(-1)[:n]
+  words = -(-n // _WORD)
+  bits = jnp.pad(mask, (0, words * _WORD - n)).reshape(words, _WORD)
+  shifts = jnp.arange(_WORD, dtype=jnp.uint32)
+  return jnp.sum(bits.astype(jnp.uint32) << shifts, axis=1, dtype=jnp.uint32)
+
+
+def _compact_words(words: jax.Array, n: int, size: int):
+  """Positions of the first ``size`` set bits of packed ``words``, and their
+  number ``total`` (all of them, not only the first ``size``).
+
+  For output slot ``j``: the word holding the ``(j + 1)``-th set bit is found
+  by a binary search in the prefix count of the words, then the bit inside
+  it by a 5-step binary search on the popcount of its low bits.
+  """
+  count = jax.lax.population_count(words).astype(jnp.int32)
+  csum = jnp.cumsum(count)
+  total = csum[-1]
+  j = jnp.arange(size, dtype=jnp.int32)
+  w = jnp.searchsorted(csum, j, side="right").astype(jnp.int32)
+  word = words.at[w].get(mode="fill", fill_value=0)
+  rank = (j - (csum - count).at[w].get(mode="fill", fill_value=0)).astype(
+      jnp.uint32)
+  bit = jnp.zeros((size,), jnp.uint32)
+  one = jnp.uint32(1)
+  for step in (16, 8, 4, 2, 1):
+    low = jax.lax.population_count(word & ((one << (bit + step)) - one))
+    bit = jnp.where(low <= rank, bit + step, bit)
+  out = w * _WORD + bit.astype(jnp.int32)
+  return jnp.where(j < total, out, n), total
 
 
 def compact(mask: jax.typing.ArrayLike, size: int) -> jax.Array:
   """Indices of the first ``size`` True entries of ``mask``, in order.
 
-  Same as ``jnp.nonzero(mask, size=size, fill_value=len(mask))[0]``, several
-  times faster on CPU: a prefix count, then a binary search for the position
-  where the count reaches ``1, 2, ..., size``.
+  Same as ``jnp.nonzero(mask, size=size, fill_value=len(mask))[0]``, faster
+  on CPU: the mask is packed 32 flags to a word, and each output slot is found
+  by a binary search in the prefix count of the words and a bit search inside
+  its word (work ``O(n / 32 + size log n)``; no prefix sum over ``n``).
 
   Args:
     mask: a 1-D bool array of length ``n``.
@@ -112,30 +185,28 @@ def compact(mask: jax.typing.ArrayLike, size: int) -> jax.Array:
     [1, 3, 4]
   """
   mask = jnp.asarray(mask, bool)
-  counts = _prefix_count(mask)
-  targets = jnp.arange(1, size + 1, dtype=jnp.int32)
-  return jnp.searchsorted(counts, targets, side="left").astype(jnp.int32)
+  return _compact_words(_pack(mask), mask.shape[0], size)[0]
 
 
-def _gather_flagged(x: jax.Array, t: jax.Array, slots: int, block: int):
-  """Gathers the (at most ``slots``) blocks holding an entry with |x| >= t.
+def _gather_flagged(x: jax.Array, bmax: jax.Array, t: jax.Array, slots: int,
+                    block: int):
+  """Gathers the (at most ``slots``) blocks whose maximum ``bmax`` is >= t.
 
   Returns:
     ``(values, indices, valid, num_flagged)``: the gathered entries and their
-    flat indices as 1-D arrays of size ``slots * block + tail``, a bool array
-    marking gathered entries with ``|x| >= t`` (NaN included), and the number
-    of flagged blocks (the gather is complete iff it is ``<= slots``).
+    flat indices as 1-D arrays of size ``slots * block + tail`` (index
+    order), a bool array marking gathered entries with ``|x| >= t`` (NaN
+    included), and the number of flagged blocks (the gather is complete iff
+    it is ``<= slots``).
   """
   d = x.shape[0]
-  nb = d // block
+  nb = bmax.shape[0]
   main = x[:nb * block].reshape(nb, block)
-  flags = jnp.any(_not_below(jnp.abs(main), t), axis=1)
-  num_flagged = jnp.sum(flags, dtype=jnp.int32)
-  rows = compact(flags, slots)
+  rows, num_flagged = _compact_words(_pack(_not_below(bmax, t)), nb, slots)
   gathered = main.at[rows].get(mode="fill", fill_value=0).reshape(-1)
   index = (rows[:, None] * block
            + jnp.arange(block, dtype=jnp.int32)[None, :]).reshape(-1)
-  row_used = jnp.repeat(jnp.arange(slots) < num_flagged, block)
+  row_used = jnp.repeat(rows < nb, block)
   tail = d - nb * block
   if tail:
     gathered = jnp.concatenate([gathered, x[nb * block:]])
@@ -185,22 +256,25 @@ def _sampled_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   d = x.shape[0]
   slots = math.ceil(_BLOCK_CAPACITY * k)
   block = _block_size(d, slots)
-  stride = max(1, d // _SAMPLE_SIZE)
-  sample = jnp.abs(x[::stride])
-  rank = math.ceil(_MARGIN * k * sample.shape[0] / d)
-  # The rank-th largest sampled magnitude. (min, not [rank - 1]: XLA rewrites
-  # a slice of the top_k values into a full sort of the sample.)
-  t = jnp.min(jax.lax.top_k(sample, rank)[0])
-  gathered, index, valid, num_flagged = _gather_flagged(x, t, slots, block)
-  # Second compaction: the ~margin * k candidates, in index order.
-  room = math.ceil(_BLOCK_CAPACITY * k)
-  count = jnp.sum(valid, dtype=jnp.int32)
-  pos = compact(valid, room)
+  bmax = _block_max(x, block)
+  nb = bmax.shape[0]
+  size = _sample_size(nb)
+  sample = bmax if size == nb else bmax[_sample_positions(nb, size)]
+  # The rank-th largest sampled block maximum. (min, not [rank - 1]: XLA
+  # rewrites a slice of the top_k values into a full sort of the sample.)
+  t = jnp.min(jax.lax.top_k(sample, _sample_rank(k, nb))[0])
+  gathered, index, valid, num_flagged = _gather_flagged(x, bmax, t, slots,
+                                                        block)
+  # Second compaction: the candidates (entries >= t), in index order.
+  room = min(math.ceil(_CANDIDATE_CAPACITY * k), valid.shape[0])
+  pos, count = _compact_words(_pack(valid), valid.shape[0], room)
   cand = gathered.at[pos].get(mode="fill", fill_value=0)
   # Magnitudes are >= 0, so -1 can never beat a candidate; NaN stays NaN.
   keys = jnp.where(jnp.arange(room) < count, jnp.abs(cand), -1.0)
   best = jax.lax.top_k(keys, k)[1]
-  ok = (num_flagged <= slots) & (count >= k) & (count <= room)
+  # A NaN ranks largest but may be missing from the block maxima: fall back.
+  ok = ((num_flagged <= slots) & (count >= k) & (count <= room)
+        & jnp.logical_not(_has_nan(x)))
   return index.at[pos[best]].get(mode="fill", fill_value=d), ok
 
 
@@ -249,19 +323,26 @@ def select_above(x: jax.typing.ArrayLike, tau: jax.typing.ArrayLike,
   def top_branch(x):
     return top_k_indices(x, capacity)
 
-  block = _block_size(d, capacity) if d >= _MIN_FAST_SIZE else 0
-  if block:
-    gathered, index, valid, num_flagged = _gather_flagged(
-        x, tau, capacity, block)
-    count = jnp.sum(valid, dtype=jnp.int32)
-    pos = compact(valid, capacity)
-    found = index.at[pos].get(mode="fill", fill_value=d)
-    overflow = (num_flagged > capacity) | (count > capacity)
-  else:
+  def dense(x):
+    """Every entry tested: ``(found, branch)``."""
     passing = _not_below(jnp.abs(x), tau)
-    count = jnp.sum(passing, dtype=jnp.int32)
-    found = compact(passing, capacity)
-    overflow = count > capacity
+    found, count = _compact_words(_pack(passing), d, capacity)
+    return found, jnp.where(count > capacity, 2, jnp.where(count == 0, 0, 1))
+
+  def finish(found, branch, x):
+    return jax.lax.switch(branch, [argmax_branch, lambda x: found,
+                                   top_branch], x)
+
+  block = _block_size(d, capacity) if d >= _MIN_FAST_SIZE else 0
+  if not block:
+    return finish(*dense(x), x)
+  gathered, index, valid, num_flagged = _gather_flagged(
+      x, _block_max(x, block), tau, capacity, block)
+  pos, count = _compact_words(_pack(valid), valid.shape[0], capacity)
+  found = index.at[pos].get(mode="fill", fill_value=d)
+  overflow = (num_flagged > capacity) | (count > capacity)
   branch = jnp.where(overflow, 2, jnp.where(count == 0, 0, 1))
-  return jax.lax.switch(branch, [argmax_branch, lambda x: found, top_branch],
-                        x)
+  # A NaN passes any threshold but may be missing from the block maxima:
+  # then every entry is tested.
+  return jax.lax.cond(_has_nan(x), lambda x: finish(*dense(x), x),
+                      lambda x: finish(found, branch, x), x)
