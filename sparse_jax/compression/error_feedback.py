@@ -65,6 +65,7 @@ from sparse_jax.compression import wire
 from sparse_jax.compression.compressors import Compressor
 
 VARIANTS = ("ef", "ef21", "dgc", "none")
+"""The feedback variants :func:`error_feedback` accepts (``variant=``)."""
 _MASKED = optax.MaskedNode()
 
 
