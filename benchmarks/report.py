@@ -249,6 +249,17 @@ class ResultsReport:
       return None
     return data
 
+  def _sweeps(self, paths: Sequence[str]):
+    """Yields ``(name, data)`` of each readable sweep, after its heading and command."""
+    for path in paths:
+      data = self._read_sweep(path)
+      if data is None:
+        continue
+      name = os.path.splitext(os.path.basename(path))[0]
+      self._add(f"### {name}", "")
+      self._say_command(self._command(data, name, SWEEP_COMMANDS), _display(path))
+      yield name, data
+
   # -- sections
 
   def build(self) -> str:
@@ -283,17 +294,12 @@ class ResultsReport:
       self._add("No N:M training sweep found (`nm_*.json`). Produce it with", "",
                 f"    {SWEEP_COMMANDS['nm_teacher']}", "")
       return
-    for path in paths:
-      data = self._read_sweep(path)
-      if data is not None:
-        self._nm_sweep(path, data)
+    for name, data in self._sweeps(paths):
+      self._nm_sweep(name, data)
 
-  def _nm_sweep(self, path: str, data: dict[str, Any]) -> None:
-    name = os.path.splitext(os.path.basename(path))[0]
+  def _nm_sweep(self, name: str, data: dict[str, Any]) -> None:
     s = _Summary(data)
     metric = "test_accuracy"
-    self._add(f"### {name}", "")
-    self._say_command(self._command(data, name, SWEEP_COMMANDS), _display(path))
     cells: dict[tuple[str, str], tuple] = {}
     patterns: dict[str, tuple[int, int, bool]] = {}
     methods: dict[str, str] = {}
@@ -342,13 +348,7 @@ class ResultsReport:
       self._add("No conversion sweep found (`nm_convert.json`). Produce it with", "",
                 f"    {SWEEP_COMMANDS['nm_convert']}", "")
       return
-    for path in paths:
-      data = self._read_sweep(path)
-      if data is None:
-        continue
-      name = os.path.splitext(os.path.basename(path))[0]
-      self._add(f"### {name}", "")
-      self._say_command(self._command(data, name, SWEEP_COMMANDS), _display(path))
+    for name, data in self._sweeps(paths):
       s = _Summary(data)
       keys = dict.fromkeys(s.metrics())
       for r in s.runs:
@@ -387,13 +387,7 @@ class ResultsReport:
                 f"    {SWEEP_COMMANDS['compress_digits']}",
                 f"    {SWEEP_COMMANDS['compress_teacher']}", "")
       return
-    for path in paths:
-      data = self._read_sweep(path)
-      if data is None:
-        continue
-      name = os.path.splitext(os.path.basename(path))[0]
-      self._add(f"### {name}", "")
-      self._say_command(self._command(data, name, SWEEP_COMMANDS), _display(path))
+    for name, data in self._sweeps(paths):
       s = _Summary(data)
       points, rows = [], []
       for v in s.variants:
@@ -444,13 +438,7 @@ class ResultsReport:
                 f"Data: `{_display(path)}` (accuracy after training on task i, "
                 "evaluated on task j).", "")
       self._cl_heatmaps(name, {str(k): _matrix(v) for k, v in data.items()})
-    for path in sweeps:
-      data = self._read_sweep(path)
-      if data is None:
-        continue
-      name = os.path.splitext(os.path.basename(path))[0]
-      self._add(f"### {name}", "")
-      self._say_command(self._command(data, name, SWEEP_COMMANDS), _display(path))
+    for name, data in self._sweeps(sweeps):
       self._metric_table(_Summary(data), prefer=CL_METRICS)
       if name not in covered:
         mats = {}
@@ -514,13 +502,7 @@ class ResultsReport:
     if not rest:
       return
     self._add("## Other experiment results", "")
-    for path in rest:
-      data = self._read_sweep(path)
-      if data is None:
-        continue
-      name = os.path.splitext(os.path.basename(path))[0]
-      self._add(f"### {name}", "")
-      self._say_command(self._command(data, name, SWEEP_COMMANDS), _display(path))
+    for _, data in self._sweeps(rest):
       self._metric_table(_Summary(data))
 
   def _benchmarks(self) -> None:
