@@ -22,7 +22,8 @@ masking, clipping, warm-up 75% -> 99.9% over the first 400 steps). Feedback: ``e
 
 import ml_collections
 
-from sparse_jax.training.config import apply_variants, base_config, teacher_data
+from sparse_jax.training.config import (apply_variants, base_config, split_pair,
+                                        teacher_data)
 
 COMPRESSORS = {
     "topk1": dict(compressor="top_k", compressor_kwargs=dict(fraction=0.01)),
@@ -73,18 +74,13 @@ def get_config(arg=None):
   c.train.num_steps = 2000
   c.train.log_every = 1
   c.train.eval_every = 500
-  names = [a for a in (arg or "").split(",") if a]
-  comp = [a for a in names if a in COMPRESSORS]
-  feedback = [a for a in names if a in FEEDBACK]
-  if len(comp) > 1 or len(feedback) > 1 or bool(comp) != bool(feedback):
-    raise ValueError(f"configs/compress_digits.py:{arg}: give one compressor "
-                     f"{sorted(COMPRESSORS)} and one feedback {sorted(FEEDBACK)}, or "
-                     "'dgc01', or nothing (dense)")
+  comp, feedback, rest = split_pair(arg, COMPRESSORS, FEEDBACK,
+                                    where="configs/compress_digits.py",
+                                    kinds=("compressor", "feedback"),
+                                    alone=("dense", "dgc01"))
   if comp:
-    c.optimizer.pre = (dict(name="error_feedback", variant=FEEDBACK[feedback[0]],
-                            axis_name="data", **COMPRESSORS[comp[0]]),)
-  if "dgc01" in names:
+    c.optimizer.pre = (dict(name="error_feedback", variant=FEEDBACK[feedback],
+                            axis_name="data", **COMPRESSORS[comp]),)
+  if "dgc01" in (arg or "").split(","):
     dgc(c)
-  rest = ",".join(a for a in names if a not in COMPRESSORS and a not in FEEDBACK
-                  and a not in ("dense", "dgc01"))
   return apply_variants(c, rest, {"teacher": teacher, "smoke": smoke})

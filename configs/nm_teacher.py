@@ -19,7 +19,8 @@ Methods: ``proj`` (hard projection after every step, mask recomputed every step)
 (STE + decay 2e-4 of the pruned weights, Zhou et al. 2021). No pattern: dense.
 """
 
-from sparse_jax.training.config import apply_variants, base_config, teacher_data
+from sparse_jax.training.config import (apply_variants, base_config, split_pair,
+                                        teacher_data)
 
 PATTERNS = {"nm24": (2, 4, False), "nm48": (4, 8, False), "nm14": (1, 4, False),
             "t24": (2, 4, True), "t48": (4, 8, True)}
@@ -50,15 +51,9 @@ def get_config(arg=None):
   c.train.batch_size = 128
   c.train.num_steps = 4000
   c.train.eval_every = 1000
-  names = [a for a in (arg or "").split(",") if a]
-  patterns = [a for a in names if a in PATTERNS]
-  methods = [a for a in names if a in METHODS]
-  if len(patterns) > 1 or len(methods) > 1 or bool(patterns) != bool(methods):
-    raise ValueError(f"configs/nm_teacher.py:{arg}: give one pattern {sorted(PATTERNS)} "
-                     f"and one method {list(METHODS)} (or neither: dense)")
-  if patterns:
-    sparsify(c, patterns[0], methods[0])
-  rest = ",".join(a for a in names if a not in PATTERNS and a not in METHODS
-                  and a != "dense")
-  c.name = "nm_teacher:" + (",".join(patterns + methods) or "dense")
+  pattern, method, rest = split_pair(arg, PATTERNS, METHODS, where="configs/nm_teacher.py",
+                                     kinds=("pattern", "method"), alone=("dense",))
+  if pattern:
+    sparsify(c, pattern, method)
+  c.name = "nm_teacher:" + (f"{pattern},{method}" if pattern else "dense")
   return apply_variants(c, rest, {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import ModuleType
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import ml_collections
 
@@ -55,6 +55,33 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
       raise ValueError(f"unknown config variant {name!r}; known: {sorted(table)}")
     table[name](c)
   return c
+
+
+def split_pair(arg: str | None, first: Collection[str], second: Collection[str], *,
+               where: str, kinds: tuple[str, str] = ("variant", "variant"),
+               alone: Collection[str] = ()) -> tuple[str | None, str | None, str]:
+  """Splits a config arg ``"A,B,rest..."`` with one name from each of two axes.
+
+  E.g. ``configs/nm_teacher.py:nm24,srste,smoke`` -> ``("nm24", "srste",
+  "smoke")``. Give one of each axis or neither (both None); the rest (without
+  ``alone`` names, such as "dense", which the caller handles) is returned for
+  :func:`apply_variants`.
+
+  Raises:
+    ValueError: naming ``where``, the ``kinds`` of the two axes and their
+      choices, for two of one axis or one axis without the other (which would
+      otherwise silently run dense).
+  """
+  names = [a for a in (arg or "").split(",") if a]
+  a = [x for x in names if x in first]
+  b = [x for x in names if x in second]
+  if len(a) > 1 or len(b) > 1 or bool(a) != bool(b):
+    choices = f"one {kinds[0]} {sorted(first)} and one {kinds[1]} {sorted(second)}"
+    also = f", or {sorted(alone)}" if alone else ""
+    raise ValueError(f"{where}:{arg}: give {choices}{also}, or neither")
+  rest = ",".join(x for x in names if x not in first and x not in second
+                  and x not in alone)
+  return (a[0] if a else None), (b[0] if b else None), rest
 
 
 def load_config_module(path: str) -> ModuleType:
