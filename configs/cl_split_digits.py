@@ -19,7 +19,8 @@ import os
 from sparse_jax.training.config import apply_variants, load_config_module
 
 
-SWEEP = dict(variants=["sgd", "adam", "ewc", "bgd", "foovb_kron"], seeds=[0, 1, 2],
+SWEEP = dict(variants=["sgd", "adam", "ewc", "bgd", "foovb_kron_paper", "foovb_kron"],
+             seeds=[0, 1, 2],
              metrics=["average_accuracy", "forgetting", "backward_transfer"])
 
 
@@ -42,7 +43,7 @@ def get_config(arg=None):
   c.stream.scenario = "domain"
   c.optimizer.learning_rate = 0.01  # the default method is SGD
   variants = {name: getattr(base, name)
-              for name in ("adam", "ewc", "foovb_kron", "smoke")}
+              for name in ("adam", "ewc", "foovb_kron", "foovb_kron_paper", "smoke")}
   variants["sgd"] = lambda c: base.sgd(c, learning_rate=0.01)
   variants["bgd"] = _bgd
   for scenario in ("domain", "class", "task"):

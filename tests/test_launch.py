@@ -78,3 +78,15 @@ def test_sweep_cli_smoke(tmp_path):
   assert [row["variant"] for row in summary] == ["dense", "nm24,srste"]
   assert all(row["seeds"] == 2 for row in summary)
   assert "| nm24,srste | 2 |" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_sweep_variant_builds(config):
+  # A variant listed in a config's SWEEP must resolve (a typo there would only
+  # surface deep into a long sweep), also combined with smoke.
+  from sparse_jax.training.config import load_config_module
+  module = load_config_module(os.path.join(ROOT, config))
+  for variant in getattr(module, "SWEEP", {}).get("variants", []):
+    for arg in (variant, ",".join(filter(None, [variant, "smoke"]))):
+      c = module.get_config(arg or None)
+      assert c.train.num_steps > 0 or "stream" in c, (config, arg)
