@@ -534,12 +534,17 @@ def foovb(
   * ``centered=True``: the covariance statistic ``E = mean_k g_k eps_k^T``
     has the expectation ``H L`` (Stein's lemma) but also a zero-mean term
     ``gbar epsbar^T``, large along the gradient. The papers' closed-form root
-    for the factor never lets the covariance grow, so that noise only ever
-    SHRINKS it, and along the gradient direction first: with a full
+    for a matrix factor never lets the covariance grow, so that noise only
+    ever SHRINKS it, along the gradient direction first. With a full
     covariance the mean step ``V gbar`` then vanishes and the network stops
-    learning (a 64-8-10 MLP on digits stays at chance). Centring, ``E =
-    sum_k (g_k - gbar) eps_k^T / (K - 1)``, removes that term and keeps the
-    expectation; it is the default for ``"full"``.
+    learning (a 64-8-10 MLP on digits stays at chance); with Kronecker
+    factors the network loses plasticity over a stream (10 permuted-digits
+    tasks: 56.6% final average accuracy, 78.0% with ``forgetting=1e-4``,
+    86.8% centred, 3 seeds). Centring, ``E = sum_k (g_k - gbar) eps_k^T /
+    (K - 1)``, removes that term and keeps the expectation; it is the default
+    for ``"kron"`` and ``"full"``. The diagonal (BGD) root grows sigma when
+    ``geps < 0``, so there the noise is symmetric and the papers' estimator
+    stays the default.
   * ``forgetting=g`` in [0, 1]: after each update the covariance is mixed
     with the initial one, ``Sigma <- (1 - g) Sigma + g Sigma_0`` (a diffusion
     that keeps long streams plastic; the variance otherwise only shrinks).
@@ -578,8 +583,8 @@ def foovb(
     forgetting: covariance diffusion towards the initial one, in [0, 1].
     centered: estimate the covariance statistic (``geps`` / ``E``) from the
       centred gradients ``(g_k - gbar) K / (K - 1)`` (same expectation; see
-      "Options the papers lack"). Default (None): True for ``"full"``, False
-      (the papers' estimator) for ``"diagonal"`` and ``"kron"``. Needs K >= 2.
+      "Options the papers lack"). Default (None): True for ``"kron"`` and
+      ``"full"``, False (the papers' estimator) for ``"diagonal"``. Needs K >= 2.
     dtype: dtype of the covariance parameters and of their matrix solves
       (default: the params' dtype); e.g. ``jnp.float64`` under
       ``jax.enable_x64`` like the reference implementation's solves.
@@ -635,7 +640,7 @@ def foovb(
   init_key = _as_key(key)
   init_var = init_std ** 2
   if centered is None:
-    centered = covariance == "full"
+    centered = covariance in ("kron", "full")
   centered = bool(centered)
   if centered and num_samples < 2:
     raise ValueError("foovb: centered=True estimates the covariance statistic "
