@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +46,7 @@ from jax.typing import ArrayLike
 from sparse_jax.bayes import fixed_point as fp
 from sparse_jax.bayes import kronecker as kr
 from sparse_jax.bayes import layout as lo
+from sparse_jax.masks._checks import check_int
 
 PyTree = Any
 
@@ -115,13 +115,7 @@ def _positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float
 
 
 def _positive_int(value: Any, name: str) -> int:
-  try:
-    v = operator.index(value)
-  except TypeError:
-    raise ValueError(f"foovb: {name} must be a Python int >= 1, got {value!r}.") from None
-  if v < 1:
-    raise ValueError(f"foovb: {name} must be >= 1, got {name}={v}.")
-  return v
+  return check_int(value, name, who="foovb")
 
 
 def _as_key(key: Any) -> jax.Array:

@@ -9,15 +9,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def check_int(value, name: str, *, who: str = "", minimum: int = 1) -> int:
+  """Returns ``value`` as a Python int ``>= minimum``, or raises a ValueError naming it.
+
+  ``who`` (e.g. "foovb") prefixes the message.
+  """
+  prefix = f"{who}: " if who else ""
+  try:
+    v = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{prefix}{name} must be a Python int >= {minimum}, got "
+                     f"{value!r}.") from None
+  if v < minimum:
+    raise ValueError(f"{prefix}{name} must be >= {minimum}, got {name}={v}.")
+  return v
+
+
 def check_m(m) -> int:
   """Returns ``m`` as a Python int, or raises a ValueError naming it."""
-  try:
-    m_int = operator.index(m)
-  except TypeError:
-    raise ValueError(f"m must be a Python int >= 1, got {m!r}.") from None
-  if m_int < 1:
-    raise ValueError(f"m must be >= 1, got m={m_int}.")
-  return m_int
+  return check_int(m, "m")
 
 
 def check_nm(n, m) -> tuple[int, int]:

@@ -6,7 +6,6 @@ pruned hold ``optax.MaskedNode()`` (an empty pytree node), as in optax.masked.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,13 +51,7 @@ def check_step(value, name: str, who: str, *, allow_none: bool = False,
                minimum: int = 0):
   if value is None and allow_none:
     return None
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{who}: {name} must be an int, got {value!r}.") from None
-  if value < minimum:
-    raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}.")
-  return value
+  return _checks.check_int(value, name, who=who, minimum=minimum)
 
 
 def compute_masks(arrays: Sequence[jax.Array], pruned: Sequence[PrunedLeaf],
