@@ -64,7 +64,7 @@ def test_exact_mask_maximises_tile_snr(seed):
   mean = rng.normal(size=(4, 4)).astype(np.float32)
   std = rng.uniform(0.01, 1.0, size=(4, 4)).astype(np.float32)
   state = _with_std(foovb().init({"kernel": jnp.asarray(mean)}), {"kernel": std})
-  mask = np.asarray(foovb_nm_masks(state, 2, 4)["kernel"])
+  mask = np.asarray(foovb_nm_masks(state, 2, 4, transposable=True)["kernel"])
   snr = np.abs(mean) / std
   pats = _patterns_2_4()
   sums = (pats * snr).sum((1, 2))
@@ -79,7 +79,7 @@ def test_snr_mask_differs_from_magnitude_mask():
                    [.5, .5, 3, 3], [.5, .5, 3, 3]], np.float32)
   std = np.where(mean > 1, 10.0, 0.1).astype(np.float32)
   state = _with_std(foovb().init({"kernel": jnp.asarray(mean)}), {"kernel": std})
-  mask = np.asarray(foovb_nm_masks(state, 2, 4)["kernel"])
+  mask = np.asarray(foovb_nm_masks(state, 2, 4, transposable=True)["kernel"])
   np.testing.assert_array_equal(mask, mean < 1)     # the certain ones win
   np.testing.assert_array_equal(transposable_nm_mask(mean, 2, 4), mean > 1)
 
@@ -114,7 +114,8 @@ def test_update_is_the_projected_foovb_update(covariance):
   loss = _loss(target)
   plain = foovb(covariance=covariance, num_samples=K, init_std=0.1, key=3)
   wrapped = foovb_nm_projection(
-      foovb(covariance=covariance, num_samples=K, init_std=0.1, key=3), 2, 4)
+      foovb(covariance=covariance, num_samples=K, init_std=0.1, key=3), 2, 4,
+      transposable=True)
   ps, ws = plain.init(params), wrapped.init(params)
   assert find_foovb_state(ws).count == 0
   grads = jax.vmap(jax.grad(loss))(foovb_sample(ps, K))
@@ -126,7 +127,7 @@ def test_update_is_the_projected_foovb_update(covariance):
   new = optax.apply_updates(params, wu)
   mask = ws.masks["l1"]["kernel"]
   # The mask is the SNR mask of the unprojected new posterior.
-  np.testing.assert_array_equal(mask, foovb_nm_masks(ps, 2, 4)["l1"]["kernel"])
+  np.testing.assert_array_equal(mask, foovb_nm_masks(ps, 2, 4, transposable=True)["l1"]["kernel"])
   assert isinstance(ws.masks["head"]["kernel"], optax.MaskedNode)  # 3 outputs
   # Params: exactly transposable 2:4, exact zeros outside the mask.
   k = new["l1"]["kernel"]
@@ -173,7 +174,7 @@ def _train(tx, params, loss, steps, *, jit=True):
 def test_jit_and_chain_match_eager():
   params, target = _params(0), _params(1)
   inner = optax.chain(foovb(num_samples=K, init_std=0.1), optax.identity())
-  tx = optax.chain(foovb_nm_projection(inner, 2, 4), optax.identity())
+  tx = optax.chain(foovb_nm_projection(inner, 2, 4, transposable=True), optax.identity())
   jitted = _train(tx, params, _loss(target), 4)
   eager = _train(tx, params, _loss(target), 4, jit=False)
   for (pj, sj_), (pe, _) in zip(jitted, eager):
@@ -192,7 +193,7 @@ def test_pruned_weights_regrow_only_when_masks_are_rescored():
 
   def run(update_every):
     tx = foovb_nm_projection(foovb(num_samples=K, init_std=0.3), 2, 4,
-                             update_every=update_every)
+                             update_every=update_every, transposable=True)
     return _train(tx, params, loss, 12)
 
   fixed, rescored = run(None), run(1)
@@ -205,7 +206,8 @@ def test_pruned_weights_regrow_only_when_masks_are_rescored():
 
 def test_start_step_keeps_dense_warmup():
   params, target = _params(0), _params(1)
-  tx = foovb_nm_projection(foovb(num_samples=K), 2, 4, start_step=2)
+  tx = foovb_nm_projection(foovb(num_samples=K), 2, 4, start_step=2,
+                           transposable=True)
   hist = _train(tx, params, _loss(target), 3)
   for p, _ in hist[:2]:
     assert int((p["l1"]["kernel"] == 0).sum()) == 0
@@ -225,7 +227,7 @@ def test_errors():
   select_head = {"l1": {"kernel": False, "bias": False},
                  "head": {"kernel": True, "bias": False}}
   with pytest.raises(ValueError, match=r"\['head'\]\['kernel'\].*\(8, 3\)"):
-    foovb_nm_projection(foovb(), 2, 4, mask=select_head).init(params)
+    foovb_nm_projection(foovb(), 2, 4, mask=select_head, transposable=True).init(params)
 
 
 def test_docstring_examples():

@@ -3,6 +3,7 @@
 import doctest
 
 import jax
+from sparse_jax._core import nm_schedule
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -103,8 +104,8 @@ def test_mask_and_axis_specs_errors():
                    axis=0, transposable=True, who="t")
 
 
-@pytest.mark.parametrize("module", [convert, diagnostics, leaves, projection,
-                                    schedules, ste])
+@pytest.mark.parametrize("module", [convert, diagnostics, nm_schedule,
+                                    projection, schedules, ste])
 def test_docstring_examples_run(module):
   result = doctest.testmod(module, verbose=False)
   assert result.attempted > 0 and result.failed == 0

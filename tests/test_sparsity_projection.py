@@ -1,6 +1,7 @@
 """Tests for the nm_projection optax transform and its diagnostics."""
 
 import jax
+from sparse_jax._core.trees import path_str
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -282,7 +283,7 @@ def test_flax_nnx_models(name, kwargs):
     assert float(diag[k]["sparsity"]) >= 0.5
     assert float(diag[k]["mask_sparsity"]) == 0.5
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    where = jax.tree_util.keystr(path)
+    where = path_str(path)   # the one naming rule: keystr without ".value"
     ax = 0 if name == "vit" and any(k in where for k in ("query", "key",
                                                           "value")) else -2
     if "kernel" in where and leaf.shape[ax] % 4 == 0:

@@ -13,6 +13,8 @@ Every leaf of the params tree gets one of these kinds:
   extra last input row, exactly like the paper's ``(out, in + 1)`` weights.
 * ``"full"``: part of the single full covariance over all such leaves,
   flattened in tree order.
+* ``"absent"``: an ``optax.MaskedNode`` (a leaf that ``optax.masked`` /
+  ``multi_transform`` handed to another transform); passed through untouched.
 
 The layout is a static (hashable, leafless) pytree node stored in the state, so
 :func:`sparse_jax.bayes.foovb_sample` can draw samples from the state alone.
@@ -25,12 +27,16 @@ import math
 from typing import Any, Callable, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from sparse_jax._core import trees
 
 PyTree = Any
 Filter = Union[None, PyTree, Callable[[PyTree], PyTree]]
 
 FIXED, DIAG, KRON, KRON_BIAS, FULL = "fixed", "diag", "kron", "kron_bias", "full"
+ABSENT = "absent"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +64,18 @@ class KronGroup:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """The static layout: kind and path of each flat leaf, Kronecker groups, full leaves."""
+  """The static layout: kind, path, shape and dtype of each flat leaf, Kronecker groups, full leaves.
+
+  Flat leaves are those of :func:`sparse_jax._core.trees.flatten` (an
+  ``optax.MaskedNode`` is a leaf, of kind ``"absent"``). ``dtypes`` are the
+  params' dtypes (samples and updates are returned in them).
+  """
   kinds: tuple[str, ...]
   paths: tuple[str, ...]
   shapes: tuple[tuple[int, ...], ...]
   groups: tuple[KronGroup, ...]
   full: tuple[int, ...]
+  dtypes: tuple[Any, ...] = ()
 
   @property
   def full_size(self) -> int:
@@ -73,68 +85,18 @@ class Layout:
 jax.tree_util.register_static(Layout)
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+leaf_names = trees.leaf_names
+path_string = trees.path_str
 
 
-def leaf_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """The names along a pytree path, without a trailing ``.value`` (NNX Variables)."""
-  names = tuple(_key_name(k) for k in path)
-  if (names and names[-1] == "value"
-      and isinstance(path[-1], jax.tree_util.GetAttrKey)):
-    names = names[:-1]
-  return names
-
-
-def path_string(path: tuple[Any, ...]) -> str:
-  """``keystr`` of a path, without a trailing ``.value`` (NNX Variables)."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and \
-      path[-1].name == "value":
-    path = path[:-1]
-  return jax.tree_util.keystr(tuple(path))
-
-
-def resolve_filter(flt: Filter, params: PyTree, *, name: str,
-                   default: Callable[[tuple[Any, ...], Any], bool]) -> list[bool]:
-  """Evaluates an optax-style filter to one bool per flat leaf of ``params``.
-
-  Args:
-    flt: None (use ``default``), a pytree of bools with the structure of
-      ``params``, or a callable ``params -> pytree of bools``.
-    params: the params tree.
-    name: the argument's name, for error messages.
-    default: ``(path, leaf) -> bool`` used when ``flt`` is None.
-
-  Returns:
-    A list of Python bools in flat-leaf order.
-  """
-  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-  if flt is None:
-    return [bool(default(p, x)) for p, x in leaves_with_path]
-  tree = flt(params) if callable(flt) else flt
-  flags, flag_def = jax.tree_util.tree_flatten(tree)
-  if flag_def != treedef:
-    raise ValueError(
-        f"foovb: {name} must be a pytree of bools with the structure of the "
-        f"params (or a callable params -> such a pytree); got structure "
-        f"{flag_def}, params have {treedef}.")
-  out = []
-  for (p, _), f in zip(leaves_with_path, flags):
-    try:
-      out.append(bool(np.asarray(f)))
-    except Exception as err:  # traced or non-scalar
-      raise ValueError(
-          f"foovb: {name} at {path_string(p)} must be a concrete Python bool, "
-          f"got {f!r}.") from err
-  return out
-
-
-def _default_kron(path: tuple[Any, ...], leaf: Any) -> bool:
-  names = leaf_names(path)
-  return bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
+def _default_kron_tree(params: PyTree) -> PyTree:
+  """Leaves named ``kernel`` with at least 2 axes."""
+  def one(path, leaf):
+    if trees.is_masked(leaf):
+      return leaf
+    names = leaf_names(path)
+    return bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=trees.is_masked)
 
 
 def build_layout(params: PyTree, covariance: str, *, mask: Filter = None,
@@ -155,23 +117,30 @@ def build_layout(params: PyTree, covariance: str, *, mask: Filter = None,
   Raises:
     ValueError: a leaf selected for ``kron`` is not a matrix-shaped kernel.
   """
-  leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+  leaves_with_path = trees.flatten(params)[0]
   paths = tuple(path_string(p) for p, _ in leaves_with_path)
-  shapes = tuple(tuple(int(d) for d in np.shape(x)) for _, x in leaves_with_path)
-  for p, x in leaves_with_path:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
-      raise ValueError(f"foovb: params leaf {path_string(p)} must be a float "
-                       f"array (every leaf gets a Gaussian posterior), got "
+  absent = [trees.is_masked(x) for _, x in leaves_with_path]
+  shapes = tuple(() if a else tuple(int(d) for d in np.shape(x))
+                 for a, (_, x) in zip(absent, leaves_with_path))
+  dtypes = []
+  for a, (p, x) in zip(absent, leaves_with_path):
+    dtype = None if a else getattr(x, "dtype", None)
+    if not a and (dtype is None or not jnp.issubdtype(dtype, jnp.floating)):
+      raise ValueError(f"foovb: params leaf {path_string(p)} must be a "
+                       f"floating-point array (every leaf gets a Gaussian "
+                       f"posterior; leave it out with mask=), got "
                        f"{type(x).__name__} with dtype {dtype}.")
-  bayes = resolve_filter(mask, params, name="mask", default=lambda p, x: True)
-  kinds = [DIAG if b else FIXED for b in bayes]
+    dtypes.append(None if a else jnp.dtype(dtype))
+  bayes = trees.select(mask, params, who="foovb", name="mask")
+  kinds = [ABSENT if a else DIAG if b else FIXED
+           for a, b in zip(absent, bayes)]
   groups: list[KronGroup] = []
   if covariance == "full":
-    kinds = [FULL if b else FIXED for b in bayes]
+    kinds = [ABSENT if a else FULL if b else FIXED
+             for a, b in zip(absent, bayes)]
   elif covariance == "kron":
-    is_kron = resolve_filter(kron_filter, params, name="kron_filter",
-                             default=_default_kron)
+    is_kron = trees.select(kron_filter, params, who="foovb",
+                           name="kron_filter", default=_default_kron_tree)
     index_of = {leaf_names(p): i for i, (p, _) in enumerate(leaves_with_path)}
     for i, (p, _) in enumerate(leaves_with_path):
       if not is_kron[i] or not bayes[i]:
@@ -202,4 +171,4 @@ def build_layout(params: PyTree, covariance: str, *, mask: Filter = None,
                      f"got {covariance!r}.")
   full = tuple(i for i, k in enumerate(kinds) if k == FULL)
   return Layout(kinds=tuple(kinds), paths=paths, shapes=shapes,
-                groups=tuple(groups), full=full)
+                groups=tuple(groups), full=full, dtypes=tuple(dtypes))

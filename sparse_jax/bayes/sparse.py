@@ -61,13 +61,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import optax
 
+from sparse_jax._core import nm_schedule
+from sparse_jax._core import trees
+from sparse_jax._core.nm_schedule import AxisSpec, MaskSpec, NMMaskState
 from sparse_jax.bayes import layout as lo
 from sparse_jax.bayes.transform import find_foovb_state, foovb_set_mean, foovb_std
-from sparse_jax.sparsity import _common
-from sparse_jax.sparsity import leaves as leaves_lib
 
 PyTree = Any
 
@@ -76,15 +76,26 @@ class FooVBNMState(NamedTuple):
   """State of :func:`foovb_nm_projection`.
 
   Attributes:
-    count: number of updates seen (int32).
-    masks: bool masks like params (``optax.MaskedNode()`` on leaves that are
-      not pruned); all True before the first projection.
+    mask: the N:M mask state (:class:`~sparse_jax.sparsity.NMProjectionState`:
+      count, masks, kept_mass, flip_rate), the same type ``nm_projection``
+      keeps, so ``sparsity_diagnostics`` and the training loop see it.
     inner: the state of the wrapped transform (holds the
       :class:`~sparse_jax.bayes.FooVBState`, whose mean is the projected mean).
+
+  ``state.count`` and ``state.masks`` read the mask state's (bool masks like
+  params, ``optax.MaskedNode()`` on leaves that are not pruned; all True
+  before the first projection).
   """
-  count: jax.Array
-  masks: PyTree
+  mask: NMMaskState
   inner: PyTree
+
+  @property
+  def count(self) -> jax.Array:
+    return self.mask.count
+
+  @property
+  def masks(self) -> PyTree:
+    return self.mask.masks
 
 
 def _snr_leaves(mean_leaves: list[jax.Array], std_leaves: list[jax.Array],
@@ -129,22 +140,24 @@ def foovb_snr(opt_state: PyTree) -> PyTree:
     https://arxiv.org/abs/1803.10123 (BGD: the std as a per-weight certainty)
   """
   state = find_foovb_state(opt_state)
-  mean_leaves, treedef = jax.tree.flatten(state.mean)
-  std_leaves = treedef.flatten_up_to(foovb_std(opt_state))
-  return treedef.unflatten(_snr_leaves(mean_leaves, std_leaves,
-                                       state.layout.kinds, 1))
+  idx = [i for i, k in enumerate(state.layout.kinds) if k != lo.ABSENT]
+  return trees.replace(state.mean, idx, _snr_leaves(
+      trees.gather(state.mean, idx), trees.gather(foovb_std(opt_state), idx),
+      [state.layout.kinds[i] for i in idx], 1))
 
 
-def _masks_from(arrays, std_arrays, kinds, pruned, n, m, transposable, method):
-  scores = _snr_leaves(arrays, std_arrays, kinds, m)
-  return _common.compute_masks(scores, pruned, n, m, transposable=transposable,
-                               method=method, objective="l1")
+def _pruned_scores(opt_state: PyTree, idx: list[int], m: int) -> list:
+  """``|mean| / std`` of the leaves at ``idx`` of the FOO-VB posterior."""
+  state = find_foovb_state(opt_state)
+  return _snr_leaves(trees.gather(state.mean, idx),
+                     trees.gather(foovb_std(opt_state), idx),
+                     [state.layout.kinds[i] for i in idx], m)
 
 
 def foovb_nm_masks(opt_state: PyTree, n: int, m: int, *,
-                   transposable: bool = True, method: str = "exact",
-                   axis: leaves_lib.AxisSpec = -2,
-                   mask: leaves_lib.MaskSpec = None) -> PyTree:
+                   transposable: bool = False, method: str = "exact",
+                   objective: str = "l1", axis: AxisSpec = -2,
+                   mask: MaskSpec = None) -> PyTree:
   """N:M masks of the FOO-VB posterior mean, scored by ``|mean| / std``.
 
   ``n`` entries are KEPT per group of ``m``. With ``transposable=True`` each
@@ -159,9 +172,11 @@ def foovb_nm_masks(opt_state: PyTree, n: int, m: int, *,
       transform containing it (e.g. :func:`foovb_nm_projection`).
     n: entries kept per group (per tile row and column when transposable).
     m: group (tile) size.
-    transposable: transposable N:M masks (default) or plain N:M.
+    transposable: transposable N:M masks, or plain N:M (default, as in
+      ``nm_projection``; before 0.2 the default was True).
     method: transposable solver: ``"exact"``, ``"greedy"`` or
       ``"greedy_repair"``.
+    objective: transposable objective on the scores, ``"l1"`` or ``"l2"``.
     axis: N:M axis of plain masks (default -2, the input axis of Flax
       kernels); an int, a pytree of ints or a callable.
     mask: which leaves to prune (pytree of bools, callable, or None for
@@ -176,26 +191,21 @@ def foovb_nm_masks(opt_state: PyTree, n: int, m: int, *,
     >>> import jax.numpy as jnp
     >>> from sparse_jax.bayes import foovb
     >>> state = foovb().init({"kernel": jnp.arange(1., 17.).reshape(4, 4)})
-    >>> int(foovb_nm_masks(state, 2, 4)["kernel"].sum())
+    >>> int(foovb_nm_masks(state, 2, 4, transposable=True)["kernel"].sum())
     8
 
   References:
     Hubara et al., NeurIPS 2021, https://arxiv.org/abs/2102.08124.
   """
-  who = "foovb_nm_masks"
-  n, m = _common.check_options(n, m, transposable=transposable, method=method,
-                               objective="l1", who=who)
+  schedule = nm_schedule.make_schedule(
+      n, m, who="foovb_nm_masks", transposable=transposable, axis=axis,
+      method=method, objective=objective, mask=mask)
   state = find_foovb_state(opt_state)
-  pruned = leaves_lib.resolve(state.mean, m, mask=mask, axis=axis,
-                              transposable=transposable, who=who)
-  mean_leaves, treedef = jax.tree.flatten(state.mean)
-  std_leaves = treedef.flatten_up_to(foovb_std(opt_state))
-  kinds = state.layout.kinds
-  masks = _masks_from([mean_leaves[p.index] for p in pruned],
-                      [std_leaves[p.index] for p in pruned],
-                      [kinds[p.index] for p in pruned], pruned, n, m,
-                      transposable, method)
-  return _common.scatter(state.mean, pruned, masks)
+  pruned = schedule.select(state.mean, m)
+  idx = [p.index for p in pruned]
+  masks = schedule.compute(_pruned_scores(opt_state, idx, m), pruned,
+                           jnp.zeros([], jnp.int32), m)
+  return trees.scatter(state.mean, idx, masks)
 
 
 def apply_masks(tree: PyTree, masks: PyTree) -> PyTree:
@@ -219,20 +229,23 @@ def apply_masks(tree: PyTree, masks: PyTree) -> PyTree:
     Array([1., 0.], dtype=float32)
   """
   def one(mk, x):
-    if _common.is_masked_node(mk):
+    if trees.is_masked(mk):
       return x
     return jnp.where(mk, x, jnp.zeros((), x.dtype))
-  return jax.tree.map(one, masks, tree, is_leaf=_common.is_masked_node)
+  return jax.tree.map(one, masks, tree, is_leaf=trees.is_masked)
 
 
 def foovb_nm_projection(
     foovb_tx: optax.GradientTransformation, n: int, m: int, *,
-    transposable: bool = True,
-    method: str = "exact",
-    axis: leaves_lib.AxisSpec = -2,
-    mask: leaves_lib.MaskSpec = None,
+    transposable: bool = False,
+    axis: AxisSpec = -2,
     update_every: int | None = 1,
     start_step: int = 0,
+    init_masks: bool = False,
+    method: str = "exact",
+    objective: str = "l1",
+    mask: MaskSpec = None,
+    diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps FOO-VB so that its posterior mean stays (transposable) N:M sparse.
 
@@ -256,16 +269,23 @@ def foovb_nm_projection(
     n: entries KEPT per group of ``m`` (per tile row and column when
       transposable).
     m: group (tile) size.
-    transposable: transposable N:M (default) or plain N:M along ``axis``.
-    method: transposable solver: ``"exact"`` (optimal: maximises the tile's
-      sum of ``|mean| / std``), ``"greedy"``, ``"greedy_repair"``.
+    transposable: transposable N:M, or plain N:M along ``axis`` (default, as
+      in ``nm_projection``; before 0.2 the default was True: pass
+      ``transposable=True`` for the former behaviour).
     axis: N:M axis of plain masks (int, pytree of ints or callable).
-    mask: which leaves to prune; None: :func:`~sparse_jax.sparsity.default_filter`
-      (kernels whose sizes are divisible by ``m``; biases, norms and a head
-      with 10 outputs stay dense).
     update_every: re-score the masks every this many steps (from
       ``start_step``); None: score once at ``start_step`` and keep them.
     start_step: dense warm-up: updates pass through unchanged before it.
+    init_masks: score the masks in ``init`` (from the initial posterior) and
+      project from step 0 with them; ``start_step`` must then be 0.
+    method: transposable solver: ``"exact"`` (optimal: maximises the tile's
+      sum of ``|mean| / std``), ``"greedy"``, ``"greedy_repair"``.
+    objective: transposable objective on the scores, ``"l1"`` or ``"l2"``.
+    mask: which leaves to prune; None: :func:`~sparse_jax.sparsity.default_filter`
+      (kernels whose sizes are divisible by ``m``; biases, norms and a head
+      with 10 outputs stay dense).
+    diagnostics: track ``kept_mass`` (of ``|mean|``) and ``flip_rate`` in
+      the mask state, as ``nm_projection`` does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -281,7 +301,7 @@ def foovb_nm_projection(
     >>> from sparse_jax.bayes import foovb, foovb_sample
     >>> from sparse_jax.masks import is_transposable_nm_sparse
     >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
-    >>> tx = foovb_nm_projection(foovb(num_samples=2), 2, 4)
+    >>> tx = foovb_nm_projection(foovb(num_samples=2), 2, 4, transposable=True)
     >>> state = tx.init(params)
     >>> grads = jax.vmap(jax.grad(lambda p: jnp.sum(p["kernel"] ** 2)))(
     ...     foovb_sample(state, 2))
@@ -298,17 +318,10 @@ def foovb_nm_projection(
   if not (hasattr(foovb_tx, "init") and hasattr(foovb_tx, "update")):
     raise ValueError(f"{who}: foovb_tx must be an optax transformation "
                      f"containing sparse_jax.foovb, got {foovb_tx!r}.")
-  n, m = _common.check_options(n, m, transposable=transposable, method=method,
-                               objective="l1", who=who)
-  if not isinstance(n, int):
-    raise ValueError(f"{who}: n must be a Python int, got {n!r}.")
-  update_every = _common.check_step(update_every, "update_every", who,
-                                    allow_none=True, minimum=1)
-  start_step = _common.check_step(start_step, "start_step", who)
-
-  def pruned_of(params):
-    return leaves_lib.resolve(params, m, mask=mask, axis=axis,
-                              transposable=transposable, who=who)
+  schedule = nm_schedule.make_schedule(
+      n, m, who=who, transposable=transposable, axis=axis,
+      update_every=update_every, start_step=start_step, init_masks=init_masks,
+      method=method, objective=objective, mask=mask, diagnostics=diagnostics)
 
   def init_fn(params):
     inner = foovb_tx.init(params)
@@ -321,47 +334,34 @@ def foovb_nm_projection(
           f"{who}: foovb(fixed_point_iterations > 1) is not supported: the "
           f"prior of the iterations (state.anchor) would keep the unprojected "
           f"mean. Use fixed_point_iterations=1.")
-    pruned = pruned_of(params)
-    arrays = _common.gather(params, pruned)
-    masks = [jnp.ones(jnp.shape(a), bool) for a in arrays]
-    return FooVBNMState(count=jnp.zeros([], jnp.int32),
-                        masks=_common.scatter(params, pruned, masks),
+    m_now = schedule.group_size()
+    idx = [p.index for p in schedule.select(params, m_now)]
+    scores = _pruned_scores(inner, idx, m_now) if init_masks else None
+    return FooVBNMState(mask=schedule.init(params, scores=scores)[1],
                         inner=inner)
 
   def update_fn(updates, state, params=None, **extra_args):
-    pruned = pruned_of(params)
+    m_now = schedule.group_size(state.mask)
+    pruned = schedule.select(params, m_now)
+    idx = [p.index for p in pruned]
     inner_updates, inner = foovb_tx.update(updates, state.inner, params,
                                            **extra_args)
-    fstate = find_foovb_state(inner)
-    count = state.count
-    p_list = _common.gather(params, pruned)
-    u_list = _common.gather(inner_updates, pruned)
+    p_list = trees.gather(params, idx)
+    u_list = trees.gather(inner_updates, idx)
     new_list = [(p + u).astype(p.dtype) for p, u in zip(p_list, u_list)]
-    mean_leaves, treedef = jax.tree.flatten(fstate.mean)
-    std_leaves = treedef.flatten_up_to(foovb_std(inner))
-    kinds = [fstate.layout.kinds[p.index] for p in pruned]
-    stds = [std_leaves[p.index] for p in pruned]
-
-    active = count >= start_step
-    recompute = (count == start_step) if update_every is None else (
-        active & ((count - start_step) % update_every == 0))
-    old_masks = _common.gather(state.masks, pruned)
-    masks = lax.cond(
-        recompute,
-        lambda _: _masks_from(new_list, stds, kinds, pruned, n, m,
-                              transposable, method),
-        lambda _: list(old_masks), None)
-
-    out, means = [], list(mean_leaves)
-    for pr, p, u, w, mk in zip(pruned, p_list, u_list, new_list, masks):
-      projected = jnp.where(mk, w, jnp.zeros((), w.dtype))
-      out.append(jnp.where(active, projected - p, u.astype(p.dtype)))
-      old = mean_leaves[pr.index]
-      means[pr.index] = jnp.where(active, projected.astype(old.dtype), old)
-    inner = foovb_set_mean(inner, treedef.unflatten(means))
-    new_state = FooVBNMState(count=optax.safe_increment(count),
-                             masks=_common.scatter(params, pruned, masks),
-                             inner=inner)
-    return _common.replace(inner_updates, pruned, out), new_state
+    active, masks, mask_state = schedule.update(
+        state.mask, params, new_list, pruned,
+        scores=lambda: _pruned_scores(inner, idx, m_now))
+    projected = [jnp.where(mk, w, jnp.zeros((), w.dtype))
+                 for w, mk in zip(new_list, masks)]
+    out = nm_schedule.project(p_list, u_list, new_list, masks, active)
+    fstate = find_foovb_state(inner)
+    old_means = trees.gather(fstate.mean, idx)
+    means = [x.astype(o.dtype) if active is True else
+             jnp.where(active, x.astype(o.dtype), o)
+             for x, o in zip(projected, old_means)]
+    inner = foovb_set_mean(inner, trees.replace(fstate.mean, idx, means))
+    return (trees.replace(inner_updates, idx, out),
+            FooVBNMState(mask=mask_state, inner=inner))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -43,14 +43,22 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from sparse_jax._core import checks
+from sparse_jax._core import keys
+from sparse_jax._core import sharding
+from sparse_jax._core import states
+from sparse_jax._core import trees
 from sparse_jax.bayes import fixed_point as fp
 from sparse_jax.bayes import kronecker as kr
 from sparse_jax.bayes import layout as lo
-from sparse_jax.masks._checks import check_int
 
 PyTree = Any
 
 MAX_FULL_SIZE = 16384  # a (D, D) factor beyond this is not "a small model"
+
+# What the non-params fields of a symbolic init hold (optax.tree_map_params
+# initialises with a params placeholder; these fields are not params-like).
+_NOT_PARAMS = object()
 
 
 class KronFactors(NamedTuple):
@@ -99,34 +107,19 @@ class FooVBState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------
-# Argument checks.
+# Argument checks (the shared validators; injected hyperparameters arrive
+# as traced scalars inside the update and pass unchecked).
 
 
-def _positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"foovb: {name} must be a number, got {value!r}.") from None
-  ok = v >= 0 if allow_zero else v > 0
-  if not (ok and math.isfinite(v)):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"foovb: {name} must be finite and {bound}, got {name}={value!r}.")
-  return v
+def _positive_float(value: Any, name: str, *, allow_zero: bool = False,
+                    maximum: float | None = None) -> Any:
+  return checks.check_float(value, name, who="foovb", minimum=0.0,
+                            min_open=not allow_zero, maximum=maximum,
+                            traced_ok=True)
 
 
 def _positive_int(value: Any, name: str) -> int:
-  return check_int(value, name, who="foovb")
-
-
-def _as_key(key: Any) -> jax.Array:
-  if isinstance(key, (int, np.integer)):
-    return jax.random.PRNGKey(int(key))
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-          or key.dtype == jnp.uint32):
-    raise ValueError(f"foovb: key must be an int seed or a PRNG key "
-                     f"(jax.random.key / PRNGKey), got dtype {key.dtype}.")
-  return key
+  return checks.check_int(value, name, who="foovb")
 
 
 # ----------------------------------------------------------------------------
@@ -196,19 +189,21 @@ def _unravel_full(out: list, flat: jax.Array, layout: lo.Layout,
 def _draw(post: FooVBPosterior, layout: lo.Layout, noise_key: jax.Array,
           num_samples: int) -> PyTree:
   """K samples of the posterior, stacked on a leading axis of every leaf."""
-  mean_leaves, treedef = jax.tree.flatten(post.mean)
+  mean_leaves, treedef = jax.tree.flatten(post.mean, is_leaf=trees.is_masked)
   std_leaves = treedef.flatten_up_to(post.std)
-  dtypes = [m.dtype for m in mean_leaves]
+  dtypes = _param_dtypes(layout, mean_leaves)
   lead = (num_samples,)
   out: list[Any] = [None] * len(mean_leaves)
   for i, kind in enumerate(layout.kinds):
     m = mean_leaves[i]
-    if kind == lo.FIXED:
-      out[i] = jnp.broadcast_to(m, lead + m.shape)
+    if kind == lo.ABSENT:
+      out[i] = m
+    elif kind == lo.FIXED:
+      out[i] = jnp.broadcast_to(m, lead + m.shape).astype(dtypes[i])
     elif kind == lo.DIAG:
       s = std_leaves[i]
       eps = _normal(noise_key, i, num_samples, m.shape, s.dtype)
-      out[i] = (m.astype(s.dtype) + s * eps).astype(m.dtype)
+      out[i] = (m.astype(s.dtype) + s * eps).astype(dtypes[i])
   for g in layout.groups:
     fac = post.kron[g.name]
     mat = _group_matrix(mean_leaves, g, fac.a.dtype)
@@ -222,19 +217,23 @@ def _draw(post: FooVBPosterior, layout: lo.Layout, noise_key: jax.Array,
   return treedef.unflatten(out)
 
 
+def _param_dtypes(layout: lo.Layout, mean_leaves: list[Any]) -> list[Any]:
+  """The params' dtypes (samples and updates are returned in them)."""
+  if layout.dtypes:
+    return list(layout.dtypes)
+  return [getattr(m, "dtype", None) for m in mean_leaves]
+
+
 # ----------------------------------------------------------------------------
 # Finding the state inside a chain.
-
-
-def _is_state(x: Any) -> bool:
-  return isinstance(x, FooVBState)
 
 
 def find_foovb_state(opt_state: PyTree) -> FooVBState:
   """Returns the (single) :class:`FooVBState` inside ``opt_state``.
 
-  ``opt_state`` may be the state of :func:`foovb` itself or of any optax
-  combinator containing it (``optax.chain``, ``optax.masked`` ...).
+  ``opt_state`` may be the state of :func:`foovb` itself, of any optax
+  combinator containing it (``optax.chain``, ``optax.masked`` ...), or an
+  ``nnx.Optimizer`` (or its ``opt_state``) built with such a transform.
 
   Args:
     opt_state: an optax state.
@@ -250,19 +249,12 @@ def find_foovb_state(opt_state: PyTree) -> FooVBState:
     >>> find_foovb_state(tx.init({"w": jnp.zeros(3)})).count
     Array(0, dtype=int32)
   """
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state)
-           if _is_state(x)]
-  if len(found) != 1:
-    raise ValueError(
-        f"expected exactly one FOO-VB state (FooVBState) in opt_state, found "
-        f"{len(found)}; pass the state returned by tx.init/tx.update of a "
-        f"transformation containing sparse_jax.foovb once.")
-  return found[0]
+  return states.find_one(opt_state, FooVBState, who="foovb",
+                         what="FOO-VB state (FooVBState)")
 
 
 def _replace_state(opt_state: PyTree, new: FooVBState) -> PyTree:
-  return jax.tree.map(lambda x: new if _is_state(x) else x, opt_state,
-                      is_leaf=_is_state)
+  return states.replace(opt_state, FooVBState, new)
 
 
 def foovb_sample(opt_state: PyTree, num_samples: int) -> PyTree:
@@ -272,13 +264,20 @@ def foovb_sample(opt_state: PyTree, num_samples: int) -> PyTree:
   K gradients: the update regenerates the same noise from the same key. The
   state is not changed (call it again and you get the same samples).
 
+  With Flax NNX, pass the optimizer itself (``nnx.Optimizer(model, tx,
+  wrt=nnx.Param)``): ``foovb_sample(optimizer, K)``; its samples are a plain
+  tree like ``nnx.state(model, nnx.Param)`` (see the README section "Use it
+  with nnx.Optimizer").
+
   Args:
-    opt_state: the state of :func:`foovb`, or of a chain containing it.
+    opt_state: the state of :func:`foovb`, of a chain containing it, or an
+      ``nnx.Optimizer`` holding one.
     num_samples: K, a Python int (the transform's ``num_samples`` for
       training; any K for prediction).
 
   Returns:
-    A tree like params whose leaves have a leading axis of size K.
+    A tree like params whose leaves have a leading axis of size K, in the
+    params' dtypes.
 
   Example:
     >>> tx = foovb(num_samples=4, init_std=0.1)
@@ -298,7 +297,10 @@ def _sample_state(state: FooVBState, num_samples: int) -> PyTree:
   # Jitted so that eager use compiles once per (tree structure, K) instead of
   # once per small op; under an outer jit it is simply inlined.
   noise_key = jax.random.split(state.key)[0]
-  return _draw(state.posterior, state.layout, noise_key, num_samples)
+  specs = jax.tree.map(lambda m: jax.P(None, *sharding.spec_of(m)), state.mean)
+  return sharding.auto_sharded(
+      lambda post, key: _draw(post, state.layout, key, num_samples),
+      state.posterior, noise_key, out_specs=specs)
 
 
 def foovb_set_mean(opt_state: PyTree, mean: PyTree) -> PyTree:
@@ -324,13 +326,18 @@ def foovb_set_mean(opt_state: PyTree, mean: PyTree) -> PyTree:
     Array([1., 1.], dtype=float32)
   """
   state = find_foovb_state(opt_state)
-  old, treedef = jax.tree.flatten(state.mean)
-  new_with_path, new_def = jax.tree_util.tree_flatten_with_path(mean)
+  opt_state = states.unwrap(opt_state)
+  old, treedef = trees.flatten(state.mean)
+  old = [x for _, x in old]
+  new_with_path, new_def = trees.flatten(mean)
   if new_def != treedef:
     raise ValueError(f"foovb_set_mean: mean must have the params' structure "
                      f"{treedef}, got {new_def}.")
   leaves = []
   for (path, x), o in zip(new_with_path, old):
+    if trees.is_masked(o):
+      leaves.append(o)
+      continue
     if jnp.shape(x) != o.shape:
       raise ValueError(f"foovb_set_mean: {lo.path_string(path)} has shape "
                        f"{jnp.shape(x)}, the posterior mean has {o.shape}.")
@@ -358,13 +365,15 @@ def foovb_std(opt_state: PyTree) -> PyTree:
   """
   state = find_foovb_state(opt_state)
   layout = state.layout
-  mean_leaves, treedef = jax.tree.flatten(state.mean)
+  mean_leaves, treedef = jax.tree.flatten(state.mean, is_leaf=trees.is_masked)
   std_leaves = treedef.flatten_up_to(state.std)
-  dtypes = [m.dtype for m in mean_leaves]
+  dtypes = _param_dtypes(layout, mean_leaves)
   out: list[Any] = [None] * len(mean_leaves)
   for i, kind in enumerate(layout.kinds):
-    if kind == lo.FIXED:
-      out[i] = jnp.zeros_like(mean_leaves[i])
+    if kind == lo.ABSENT:
+      out[i] = mean_leaves[i]
+    elif kind == lo.FIXED:
+      out[i] = jnp.zeros_like(mean_leaves[i], dtypes[i])
     elif kind == lo.DIAG:
       out[i] = std_leaves[i].astype(dtypes[i])
   for g in layout.groups:
@@ -404,8 +413,13 @@ def _centre(g: jax.Array, hp: _Hyper) -> tuple[jax.Array, jax.Array]:
   return gbar, (g - gbar) * (k / (k - 1))
 
 
-def _relax(cur: jax.Array, new: jax.Array, weight: float) -> jax.Array:
-  return new if weight == 1.0 else cur + weight * (new - cur)
+def _is(value: Any, const: float) -> bool:
+  """``value == const`` for a static hyperparameter (False when injected/traced)."""
+  return not checks.is_traced(value) and value == const
+
+
+def _relax(cur: jax.Array, new: jax.Array, weight: Any) -> jax.Array:
+  return new if _is(weight, 1.0) else cur + weight * (new - cur)
 
 
 def _diag_step(g: jax.Array, eps: jax.Array, mean: jax.Array, mean0: jax.Array,
@@ -416,9 +430,9 @@ def _diag_step(g: jax.Array, eps: jax.Array, mean: jax.Array, mean0: jax.Array,
   geps = _sample_mean(g * eps)
   new_mean = _relax(mean, mean0 - hp.eta * (std0 * std0) * gbar, hp.damping)
   new_std = fp.diagonal_std_update(std0, geps)
-  if hp.damping != 1.0:
+  if not _is(hp.damping, 1.0):
     new_std = fp.mix_std(std, new_std * new_std, hp.damping)
-  if hp.forgetting:
+  if not _is(hp.forgetting, 0.0):
     new_std = fp.mix_std(new_std, init_var, hp.forgetting)
   return new_mean, new_std
 
@@ -433,10 +447,10 @@ def _kron_step(psi: jax.Array, phi: jax.Array, mean: jax.Array,
                                             hp.eta), hp.damping)
   a = fp.solve_fixed_point_factor(fac0.a, e_a)
   b = fp.solve_fixed_point_factor(fac0.b, e_b)
-  if hp.damping != 1.0:
+  if not _is(hp.damping, 1.0):
     a = fp.mix_scale(fac.a, a @ a.T, hp.damping)
     b = fp.mix_scale(fac.b, b @ b.T, hp.damping)
-  if hp.forgetting:
+  if not _is(hp.forgetting, 0.0):
     a = fp.mix_scale(a, init_var * jnp.eye(a.shape[0], dtype=a.dtype),
                      hp.forgetting)
     b = fp.mix_scale(b, init_var * jnp.eye(b.shape[0], dtype=b.dtype),
@@ -453,9 +467,9 @@ def _full_step(g: jax.Array, eps: jax.Array, mean: jax.Array, mean0: jax.Array,
   step = scale0 @ (scale0.T @ gbar)                 # V gbar, V not formed
   new_mean = _relax(mean, mean0 - hp.eta * step, hp.damping)
   new_scale = fp.solve_fixed_point_factor(scale0, e)
-  if hp.damping != 1.0:
+  if not _is(hp.damping, 1.0):
     new_scale = fp.mix_scale(scale, new_scale @ new_scale.T, hp.damping)
-  if hp.forgetting:
+  if not _is(hp.forgetting, 0.0):
     new_scale = fp.mix_scale(new_scale, init_var * jnp.eye(
         new_scale.shape[0], dtype=new_scale.dtype), hp.forgetting)
   return new_mean, new_scale
@@ -579,9 +593,22 @@ def foovb(
       centred gradients ``(g_k - gbar) K / (K - 1)`` (same expectation; see
       "Options the papers lack"). Default (None): True for ``"kron"`` and
       ``"full"``, False (the papers' estimator) for ``"diagonal"``. Needs K >= 2.
-    dtype: dtype of the covariance parameters and of their matrix solves
-      (default: the params' dtype); e.g. ``jnp.float64`` under
-      ``jax.enable_x64`` like the reference implementation's solves.
+    dtype: floating dtype of the covariance parameters and of their matrix
+      solves (default: the params' dtype, at least float32); e.g.
+      ``jnp.float64`` under ``jax.enable_x64`` like the reference
+      implementation's solves.
+
+  Precision: the posterior (mean and covariance) is kept in at least float32
+  (bf16 or fp16 params would round the small mean steps ``eta sigma^2 gbar``
+  away and fp16 has no matrix solves); samples and updates come back in the
+  params' dtypes, so the model runs in bf16 and ``apply_updates`` keeps the
+  params' dtype.
+
+  Composes with ``jax.jit`` (params and state donated), ``vmap``/``scan``,
+  ``optax.masked`` / ``multi_transform`` (other leaves untouched),
+  ``optax.inject_hyperparams`` (``eta``, ``damping``, ``forgetting`` ...
+  injectable; ``num_samples`` is read from the gradients), ``nnx.Optimizer``
+  (``foovb_sample(optimizer, K)``), orbax and ``tree_map_params``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -604,61 +631,76 @@ def foovb(
     Bayes with Fixed-Point Updates", https://arxiv.org/abs/2010.00373;
     Zeno et al., "Bayesian Gradient Descent", https://arxiv.org/abs/1803.10123
   """
-  if covariance not in ("diagonal", "kron", "full"):
-    raise ValueError(f"foovb: covariance must be 'diagonal', 'kron' or 'full', "
-                     f"got {covariance!r}.")
+  who = "foovb"
+  checks.check_choice(covariance, "covariance", ("diagonal", "kron", "full"),
+                      who=who)
   eta = _positive_float(eta, "eta", allow_zero=True)
   init_std = _positive_float(init_std, "init_std")
-  num_samples = _positive_int(num_samples, "num_samples")
-  if loss not in ("sum", "mean"):
-    raise ValueError(f"foovb: loss must be 'sum' (gradients of the summed batch "
-                     f"loss) or 'mean' (of the mean loss; needs batch_size), got "
-                     f"{loss!r}.")
-  if batch_size is not None:
-    batch_size = _positive_int(batch_size, "batch_size")
-  if kron_init not in ("alpha_split", "std"):
-    raise ValueError(f"foovb: kron_init must be 'alpha_split' or 'std', got "
-                     f"{kron_init!r}.")
-  alpha = float(alpha)
-  if not 0.0 < alpha < 1.0:
-    raise ValueError(f"foovb: alpha must be in (0, 1), got alpha={alpha}.")
-  damping = _positive_float(damping, "damping")
-  if damping > 1.0:
-    raise ValueError(f"foovb: damping must be in (0, 1], got damping={damping}.")
-  fixed_point_iterations = _positive_int(fixed_point_iterations,
-                                         "fixed_point_iterations")
-  forgetting = _positive_float(forgetting, "forgetting", allow_zero=True)
-  if forgetting > 1.0:
-    raise ValueError(f"foovb: forgetting must be in [0, 1], got "
-                     f"forgetting={forgetting}.")
-  init_key = _as_key(key)
+  num_samples = checks.check_int(num_samples, "num_samples", who=who,
+                                 traced_ok=True)
+  checks.check_choice(loss, "loss", ("sum", "mean"), who=who)
+  batch_size = checks.check_int(batch_size, "batch_size", who=who,
+                                allow_none=True, traced_ok=True)
+  checks.check_choice(kron_init, "kron_init", ("alpha_split", "std"), who=who)
+  alpha = checks.check_float(alpha, "alpha", who=who, minimum=0.0,
+                             maximum=1.0, min_open=True, max_open=True,
+                             traced_ok=True)
+  damping = _positive_float(damping, "damping", maximum=1.0)
+  fixed_point_iterations = checks.check_int(
+      fixed_point_iterations, "fixed_point_iterations", who=who,
+      traced_ok=True)
+  forgetting = _positive_float(forgetting, "forgetting", allow_zero=True,
+                               maximum=1.0)
+  if checks.is_traced(key):
+    init_key = key   # injected and traced: only init uses it
+  else:
+    init_key = keys.key_data(key, who=who)
+  dtype = checks.check_float_dtype(dtype, "dtype", who=who, allow_none=True)
   init_var = init_std ** 2
+  centered = checks.check_bool(centered, "centered", who=who, allow_none=True)
   if centered is None:
     centered = covariance in ("kron", "full")
-  centered = bool(centered)
-  if centered and num_samples < 2:
+  if centered and checks.is_static_int(num_samples) and num_samples < 2:
     raise ValueError("foovb: centered=True estimates the covariance statistic "
                      "from the spread of the K gradients: it needs num_samples "
                      f">= 2, got num_samples={num_samples}.")
   hp = _Hyper(eta=eta, damping=damping, forgetting=forgetting, centered=centered)
 
-  def group_scale(g: lo.KronGroup) -> float:
+  def group_scale(g: lo.KronGroup) -> Any:
     if kron_init == "alpha_split":
       return kr.alpha_split_scale(g.fan_in, alpha)
-    return math.sqrt(init_std)
+    return init_std ** 0.5
+
+  def forget_var(g: lo.KronGroup) -> Any:
+    return 0.0 if _is(forgetting, 0.0) else group_scale(g) ** 2
+
+  def mean_dtype(x_dtype: Any) -> Any:
+    return jnp.promote_types(x_dtype, jnp.float32)
 
   def cov_dtype(x_dtype: Any) -> Any:
-    return jnp.dtype(dtype) if dtype is not None else x_dtype
+    return dtype if dtype is not None else mean_dtype(x_dtype)
 
   def init_fn(params: PyTree) -> FooVBState:
+    if trees.is_params_placeholder(params):   # optax.tree_map_params
+      return FooVBState(count=jnp.zeros((), jnp.int32), key=init_key,
+                        mean=params, std=params, kron=_NOT_PARAMS,
+                        scale=_NOT_PARAMS, anchor=_NOT_PARAMS,
+                        layout=_NOT_PARAMS)
     layout = lo.build_layout(params, covariance, mask=mask,
                              kron_filter=kron_filter)
-    leaves, treedef = jax.tree.flatten(params)
-    std = []
+    leaves, treedef = jax.tree.flatten(params, is_leaf=trees.is_masked)
+    std, mean = [], []
     for i, x in enumerate(leaves):
+      if layout.kinds[i] == lo.ABSENT:
+        std.append(None)
+        mean.append(x)
+        continue
       x = jnp.asarray(x)
+      # A copy in the posterior's dtype: never the params' own buffers, so
+      # a step may donate both params and state.
+      mean.append(jnp.array(x, mean_dtype(x.dtype), copy=True))
       if layout.kinds[i] == lo.DIAG:
-        std.append(jnp.full(x.shape, init_std, cov_dtype(x.dtype)))
+        std.append(jnp.full_like(x, init_std, cov_dtype(x.dtype)))
       else:
         std.append(None)
     kron = {}
@@ -678,25 +720,34 @@ def foovb(
             f"restrict mask.")
       d = cov_dtype(jnp.result_type(*[leaves[i] for i in layout.full]))
       scale = init_std * jnp.eye(size, dtype=d)
-    mean = treedef.unflatten([jnp.asarray(x) for x in leaves])
-    post = FooVBPosterior(mean=mean, std=treedef.unflatten(std), kron=kron,
-                          scale=scale)
-    anchor = post if fixed_point_iterations > 1 else None
-    return FooVBState(count=jnp.zeros((), jnp.int32), key=init_key,
-                      mean=mean, std=post.std, kron=kron, scale=scale,
+    post = FooVBPosterior(mean=treedef.unflatten(mean),
+                          std=treedef.unflatten(std), kron=kron, scale=scale)
+    anchor = None
+    if fixed_point_iterations > 1:   # its own buffers (donation)
+      anchor = jax.tree.map(lambda x: jnp.array(x, copy=True), post)
+    return FooVBState(count=jnp.zeros((), jnp.int32),
+                      key=jnp.array(init_key, copy=True),
+                      mean=post.mean, std=post.std, kron=kron, scale=scale,
                       anchor=anchor, layout=layout)
 
-  def check_grads(grads: PyTree, state: FooVBState) -> list[jax.Array]:
-    mean_leaves, treedef = jax.tree.flatten(state.mean)
-    g_with_path, g_def = jax.tree_util.tree_flatten_with_path(grads)
+  def check_grads(grads: PyTree, state: FooVBState) -> list[Any]:
+    mean_leaves, treedef = jax.tree.flatten(state.mean, is_leaf=trees.is_masked)
+    g_with_path, g_def = trees.flatten(grads)
     if g_def != treedef:
       raise ValueError(
           f"foovb: the gradients must be a tree like params with a leading "
           f"sample axis; their structure {g_def} differs from the params' "
           f"{treedef}.")
+    k = num_samples
+    if checks.is_traced(k):   # injected: the gradients say how many samples
+      k = next((jnp.shape(g)[0] for (_, g), m in zip(g_with_path, mean_leaves)
+                if not trees.is_masked(m) and jnp.ndim(g) == m.ndim + 1), None)
     out = []
     for (path, g), m in zip(g_with_path, mean_leaves):
-      want = (num_samples,) + m.shape
+      if trees.is_masked(m):
+        out.append(g)
+        continue
+      want = (k,) + m.shape
       if jnp.shape(g) != want:
         hint = ""
         if jnp.shape(g) == m.shape:
@@ -705,7 +756,7 @@ def foovb(
                   "jax.vmap(jax.grad(loss))(samples)).")
         elif jnp.ndim(g) == m.ndim + 1:
           hint = (f" The sample axis has size {jnp.shape(g)[0]}, but the "
-                  f"transform was built with num_samples={num_samples}.")
+                  f"transform was built with num_samples={k}.")
         raise ValueError(
             f"foovb: gradient {lo.path_string(path)} has shape {jnp.shape(g)}, "
             f"expected (num_samples, *param_shape) = {want}.{hint}")
@@ -716,8 +767,23 @@ def foovb(
                 *, batch_size: int | None = batch_size,
                 **extra_args: Any) -> tuple[PyTree, FooVBState]:
     del extra_args
+    # On an Explicit-axes mesh the group matrices (kernel + bias row, Conv
+    # kernels read as matrices, the full-covariance vector) cannot be typed:
+    # run the step with those axes Auto; updates and state keep the params'
+    # and the state's shardings.
+    like = state.mean if params is None else params
+    specs = (jax.tree.map(sharding.spec_of, like),
+             jax.tree.map(sharding.spec_of, state))
+    return sharding.auto_sharded(
+        lambda u, s, p: _update(u, s, p, batch_size), updates, state, params,
+        out_specs=specs)
+
+  def _update(updates: PyTree, state: FooVBState, params: PyTree,
+              batch_size: Any) -> tuple[PyTree, FooVBState]:
     layout = state.layout
     grads = check_grads(updates, state)
+    k = next((g.shape[0] for g, kind in zip(grads, layout.kinds)
+              if kind != lo.ABSENT), 1)
     if loss == "mean":
       if batch_size is None:
         raise ValueError(
@@ -730,11 +796,12 @@ def foovb(
     noise_key, next_key = jax.random.split(state.key)
     cur = state.posterior
     prior = state.anchor if state.anchor is not None else cur
-    cur_mean, treedef = jax.tree.flatten(cur.mean)
-    prior_mean = treedef.flatten_up_to(prior.mean)
+    cur_mean, treedef = jax.tree.flatten(cur.mean, is_leaf=trees.is_masked)
+    prior_mean = trees.leaves(prior.mean)
     cur_std = treedef.flatten_up_to(cur.std)
     prior_std = treedef.flatten_up_to(prior.std)
-    dtypes = [m.dtype for m in cur_mean]
+    dtypes = _param_dtypes(layout, cur_mean)
+    mdtypes = [getattr(m, "dtype", None) for m in cur_mean]
     new_mean = list(cur_mean)
     new_std = list(cur_std)
     out: list[Any] = [None] * len(cur_mean)
@@ -744,48 +811,51 @@ def foovb(
       return g * gscale if gscale is not None else g
 
     for i, kind in enumerate(layout.kinds):
-      if kind == lo.FIXED:
+      if kind == lo.ABSENT:
+        out[i] = grads[i]
+      elif kind == lo.FIXED:
         out[i] = _sample_mean(grads[i]).astype(dtypes[i])
       elif kind == lo.DIAG:
         d = cur_std[i].dtype
-        eps = _normal(noise_key, i, num_samples, cur_std[i].shape, d)
+        eps = _normal(noise_key, i, k, cur_std[i].shape, d)
         m_new, new_std[i] = _diag_step(
             scaled(grads[i], d), eps, cur_mean[i].astype(d),
             prior_mean[i].astype(d), cur_std[i], prior_std[i], init_var, hp)
-        new_mean[i] = m_new.astype(dtypes[i])
+        new_mean[i] = m_new.astype(mdtypes[i])
 
     new_kron = {}
     for g in layout.groups:
       fac = cur.kron[g.name]
       d = fac.a.dtype
-      phi = _normal(noise_key, g.kernel, num_samples, (g.rows, g.cols), d)
+      phi = _normal(noise_key, g.kernel, k, (g.rows, g.cols), d)
       m_new, new_kron[g.name] = _kron_step(
-          scaled(_group_matrix(grads, g, d, (num_samples,)), d), phi,
+          scaled(_group_matrix(grads, g, d, (k,)), d), phi,
           _group_matrix(cur_mean, g, d), _group_matrix(prior_mean, g, d),
-          fac, prior.kron[g.name], group_scale(g) ** 2, hp)
-      _scatter_group(new_mean, m_new, g, dtypes)
+          fac, prior.kron[g.name], forget_var(g), hp)
+      _scatter_group(new_mean, m_new, g, mdtypes)
 
     new_scale = cur.scale
     if layout.full:
       d = cur.scale.dtype
-      gmat = scaled(_ravel_full(grads, layout, d, (num_samples,)), d)  # (K, D)
-      eps = _normal(noise_key, len(cur_mean), num_samples, (gmat.shape[1],), d)
+      gmat = scaled(_ravel_full(grads, layout, d, (k,)), d)  # (K, D)
+      eps = _normal(noise_key, len(cur_mean), k, (gmat.shape[1],), d)
       m_new, new_scale = _full_step(
           gmat, eps, _ravel_full(cur_mean, layout, d),
           _ravel_full(prior_mean, layout, d), cur.scale, prior.scale, init_var,
           hp)
-      _unravel_full(new_mean, m_new, layout, dtypes)
+      _unravel_full(new_mean, m_new, layout, mdtypes)
 
     if params is None:
       base = cur_mean
     else:
-      base, p_def = jax.tree.flatten(params)
+      base, p_def = jax.tree.flatten(params, is_leaf=trees.is_masked)
       if p_def != treedef:
         raise ValueError(f"foovb: params structure {p_def} differs from the "
                          f"one the state was initialised with, {treedef}.")
     for i, kind in enumerate(layout.kinds):
-      if kind != lo.FIXED:
-        out[i] = (new_mean[i] - jnp.asarray(base[i], dtypes[i])).astype(dtypes[i])
+      if kind not in (lo.FIXED, lo.ABSENT):
+        step = new_mean[i] - jnp.asarray(base[i]).astype(mdtypes[i])
+        out[i] = step.astype(dtypes[i])
 
     post = FooVBPosterior(mean=treedef.unflatten(new_mean),
                           std=treedef.unflatten(new_std), kron=new_kron,
@@ -837,10 +907,10 @@ def alpha_split_init(params: PyTree, key: int | ArrayLike, *, alpha: float = 0.5
   if not 0.0 < alpha < 1.0:
     raise ValueError(f"alpha_split_init: alpha must be in (0, 1), got {alpha}.")
   layout = lo.build_layout(params, "kron", mask=mask, kron_filter=kron_filter)
-  leaves, treedef = jax.tree.flatten(params)
-  leaves = [jnp.asarray(x) for x in leaves]
-  key = _as_key(key)
-  dtypes = [x.dtype for x in leaves]
+  leaves, treedef = jax.tree.flatten(params, is_leaf=trees.is_masked)
+  leaves = [x if trees.is_masked(x) else jnp.asarray(x) for x in leaves]
+  key = keys.as_key(key, who="alpha_split_init")
+  dtypes = list(layout.dtypes)
   for g in layout.groups:
     std = math.sqrt(2.0 * alpha / (g.fan_in + 2.0))
     mat = std * jax.random.normal(jax.random.fold_in(key, g.kernel),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sparse_jax._core import sharding as _sharding
 from sparse_jax.masks import _checks
 
 
@@ -81,7 +82,10 @@ def nm_mask(w: jax.typing.ArrayLike, n, m: int, *, axis: int = -2) -> jax.Array:
   n, m, axis = _validate(w, n, m, axis)
   if isinstance(n, int) and n == m:
     return jnp.ones(w.shape, dtype=bool)
-  return _keep(w, n, m, axis).reshape(w.shape)
+  # n may be traced: it is an argument, not a closure (auto_axes retypes args).
+  return _sharding.auto_sharded(
+      lambda w, n: _keep(w, n, m, axis).reshape(w.shape), w, n,
+      out_specs=_sharding.spec_of(w))
 
 
 def _validate(w: jax.Array, n, m, axis) -> tuple:
@@ -141,9 +145,11 @@ def nm_prune(w: jax.typing.ArrayLike, n, m: int, *,
   if isinstance(n, int) and n == m:
     return w
   # select in the grouped layout: XLA fuses it all into one pass.
-  out = jnp.where(_keep(w, n, m, axis), _grouped(w, m, axis),
-                  jnp.zeros((), w.dtype))
-  return out.reshape(w.shape)
+  def prune(w, n):
+    out = jnp.where(_keep(w, n, m, axis), _grouped(w, m, axis),
+                    jnp.zeros((), w.dtype))
+    return out.reshape(w.shape)
+  return _sharding.auto_sharded(prune, w, n, out_specs=_sharding.spec_of(w))
 
 
 def is_nm_sparse(x: jax.typing.ArrayLike, n, m: int, *,
@@ -174,5 +180,6 @@ def is_nm_sparse(x: jax.typing.ArrayLike, n, m: int, *,
   m = _checks.check_m(m)
   axis = _checks.normalize_axis(axis, x.ndim)
   _check_axis_size(x, m, axis)
-  counts = jnp.sum(_grouped(x != 0, m, axis), axis=axis + 1)
-  return jnp.all(counts <= n)
+  def check(x, n):
+    return jnp.all(jnp.sum(_grouped(x != 0, m, axis), axis=axis + 1) <= n)
+  return _sharding.auto_sharded(check, x, n, out_specs=jax.P())

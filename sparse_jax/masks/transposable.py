@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from sparse_jax._core import sharding as _sharding
 from sparse_jax.masks import _checks
 from sparse_jax.masks.nm import nm_mask
 
@@ -451,8 +452,10 @@ def transposable_nm_mask(w: jax.typing.ArrayLike, n: int, m: int, *,
   w = jnp.asarray(w)
   n, m = _check_args(n, m, method, objective, chunk_size)
   _check_shape(w, n, m)
-  s = to_tiles(_scores(w, objective, m), m)
-  return from_tiles(_solve(s, n, method, chunk_size), w.shape, m)
+  def solve(w):
+    s = to_tiles(_scores(w, objective, m), m)
+    return from_tiles(_solve(s, n, method, chunk_size), w.shape, m)
+  return _sharding.auto_sharded(solve, w, out_specs=_sharding.spec_of(w))
 
 
 def transposable_nm_mask_tree(tree, n: int, m: int, *, method: str = "exact",
@@ -496,14 +499,19 @@ def transposable_nm_mask_tree(tree, n: int, m: int, *, method: str = "exact",
     _check_shape(w, n, m, where=f" at {jax.tree_util.keystr(path)}")
   if not arrays:
     return tree
+  return jax.tree_util.tree_unflatten(treedef, _sharding.auto_sharded(
+      lambda arrays: _tree_masks(arrays, n, m, method, objective, chunk_size),
+      arrays, out_specs=[_sharding.spec_of(w) for w in arrays]))
+
+
+def _tree_masks(arrays, n, m, method, objective, chunk_size):
   dtype = jnp.result_type(*[jnp.float32] + [
       jnp.float64 if w.dtype == jnp.float64 else jnp.float32 for w in arrays])
   tiles = [to_tiles(_scores(w, objective, m).astype(dtype), m) for w in arrays]
   sizes = np.cumsum([t.shape[0] for t in tiles])[:-1]
   sel = _solve(jnp.concatenate(tiles, axis=0), n, method, chunk_size)
   parts = jnp.split(sel, sizes, axis=0)
-  masks = [from_tiles(p, w.shape, m) for p, w in zip(parts, arrays)]
-  return jax.tree_util.tree_unflatten(treedef, masks)
+  return [from_tiles(p, w.shape, m) for p, w in zip(parts, arrays)]
 
 
 def _few_patterns(n: int, m: int) -> bool:
@@ -537,5 +545,7 @@ def is_transposable_nm_sparse(x: jax.typing.ArrayLike, n: int,
   if x.ndim < 2 or x.shape[-2] % m or x.shape[-1] % m:
     raise ValueError(f"need the last two sizes divisible by m={m}, got shape "
                      f"{tuple(x.shape)}.")
-  t = to_tiles(x != 0, m)
-  return jnp.all(t.sum(1) <= n) & jnp.all(t.sum(2) <= n)
+  def check(x):
+    t = to_tiles(x != 0, m)
+    return jnp.all(t.sum(1) <= n) & jnp.all(t.sum(2) <= n)
+  return _sharding.auto_sharded(check, x, out_specs=jax.P())

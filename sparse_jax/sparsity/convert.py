@@ -16,15 +16,16 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
-from sparse_jax.sparsity import _common
-from sparse_jax.sparsity import leaves as leaves_lib
+from sparse_jax._core import nm_schedule
+from sparse_jax._core import trees
+from sparse_jax._core.nm_schedule import AxisSpec, MaskSpec
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def nm_convert(params, n: int, m: int, *, transposable: bool = False,
-               axis: leaves_lib.AxisSpec = -2, method: str = "exact",
-               objective: str = "l1", mask: leaves_lib.MaskSpec = None):
+               axis: AxisSpec = -2, method: str = "exact",
+               objective: str = "l1", mask: MaskSpec = None):
   """One-shot magnitude conversion of a params pytree to (transposable) N:M.
 
   Args:
@@ -57,21 +58,16 @@ def nm_convert(params, n: int, m: int, *, transposable: bool = False,
     Hubara et al., "Accelerated Sparse Neural Training", NeurIPS 2021,
     https://arxiv.org/abs/2102.08124.
   """
-  who = "nm_convert"
-  n, m = _common.check_options(n, m, transposable=transposable, method=method,
-                               objective=objective, who=who)
   if callable(n):
-    raise ValueError(f"{who}: n must be an int.")
-  pruned = leaves_lib.resolve(params, m, mask=mask, axis=axis,
-                              transposable=transposable, who=who)
-  arrays = _common.gather(params, pruned)
-  masks = _common.compute_masks(arrays, pruned, n, m,
-                                transposable=transposable, method=method,
-                                objective=objective)
+    raise ValueError("nm_convert: n must be an int.")
+  schedule = nm_schedule.make_schedule(
+      n, m, who="nm_convert", transposable=transposable, axis=axis,
+      method=method, objective=objective, mask=mask)
+  pruned, arrays, masks = schedule.oneshot(params)
   sparse = [jnp.where(mk, w, jnp.zeros((), w.dtype))
             for w, mk in zip(arrays, masks)]
-  return (_common.replace(params, pruned, sparse),
-          _common.scatter(params, pruned, masks))
+  idx = [p.index for p in pruned]
+  return trees.replace(params, idx, sparse), trees.scatter(params, idx, masks)
 
 
 def dense_apply(w: jax.Array, x: jax.Array) -> jax.Array:

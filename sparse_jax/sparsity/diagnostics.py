@@ -7,17 +7,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.sparsity import _common
-from sparse_jax.sparsity.projection import NMProjectionState
-from sparse_jax.sparsity.ste import SRSTEState
-
-_STATES = (NMProjectionState, SRSTEState)
+from sparse_jax._core import states
+from sparse_jax._core import trees
+from sparse_jax._core.nm_schedule import NMMaskState
 
 
 def find_mask_states(opt_state) -> list[Any]:
-  """Every :class:`NMProjectionState` / :class:`SRSTEState` in an opt state."""
-  nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _STATES))
-  return [x for x in nodes if isinstance(x, _STATES)]
+  """Every N:M mask state in an opt state, in tree order.
+
+  The state of :func:`nm_projection`, :func:`sr_ste` and (inside its
+  ``FooVBNMState``) :func:`~sparse_jax.bayes.foovb_nm_projection`: one type,
+  :class:`~sparse_jax.sparsity.NMProjectionState`. ``opt_state`` may also be
+  an ``nnx.Optimizer``.
+  """
+  return states.find_all(opt_state, NMMaskState)
 
 
 def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
@@ -26,12 +29,14 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
   Args:
     params: current params.
     opt_state: the optimizer state holding (anywhere inside, e.g. in an
-      ``optax.chain``) an :class:`NMProjectionState` or :class:`SRSTEState`.
+      ``optax.chain``) the state of ``nm_projection``, ``sr_ste`` or
+      ``foovb_nm_projection``.
       With several, the first one found is used.
 
   Returns:
     ``{path: {"sparsity", "mask_sparsity", "kept_mass", "flip_rate"}}`` of
-    float32 scalars for each pruned leaf (path as ``jax.tree_util.keystr``)
+    float32 scalars for each pruned leaf (path as ``jax.tree_util.keystr``
+    without a trailing ``.value``)
     and ``"all"``, their size-weighted means. ``sparsity``: fraction of exact
     zeros in the params (the achieved sparsity; ~0 for the dense params STE
     trains). ``mask_sparsity``: fraction of False in the mask. ``kept_mass``:
@@ -62,12 +67,13 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
   states = find_mask_states(opt_state)
   if not states:
     raise ValueError("sparsity_diagnostics: opt_state holds no "
-                     "NMProjectionState or SRSTEState.")
+                     "NMProjectionState (the state of nm_projection, sr_ste "
+                     "or foovb_nm_projection).")
   state = states[0]
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  masks = jax.tree.leaves(state.masks, is_leaf=_common.is_masked_node)
-  kept = jax.tree.leaves(state.kept_mass, is_leaf=_common.is_masked_node)
-  flips = jax.tree.leaves(state.flip_rate, is_leaf=_common.is_masked_node)
+  flat = trees.flatten(params)[0]
+  masks = trees.leaves(state.masks)
+  kept = trees.leaves(state.kept_mass)
+  flips = trees.leaves(state.flip_rate)
   if len(masks) != len(flat):
     raise ValueError("sparsity_diagnostics: the state's masks do not match "
                      "the structure of params.")
@@ -75,7 +81,7 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
   sizes, totals = [], {k: [] for k in ("sparsity", "mask_sparsity",
                                        "kept_mass", "flip_rate")}
   for (path, w), mk, km, fr in zip(flat, masks, kept, flips):
-    if _common.is_masked_node(mk):
+    if trees.is_masked(mk) or trees.is_masked(w):
       continue
     row = {
         "sparsity": jnp.mean((w == 0).astype(jnp.float32)),
@@ -83,7 +89,7 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
         "kept_mass": jnp.asarray(km, jnp.float32),
         "flip_rate": jnp.asarray(fr, jnp.float32),
     }
-    out[jax.tree_util.keystr(path)] = row
+    out[trees.path_str(path)] = row
     sizes.append(w.size)
     for k, v in row.items():
       totals[k].append(v)

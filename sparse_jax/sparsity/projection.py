@@ -3,45 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 import optax
 
-from sparse_jax.sparsity import _common
-from sparse_jax.sparsity import leaves as leaves_lib
+from sparse_jax._core import nm_schedule
+from sparse_jax._core import trees
+from sparse_jax._core.nm_schedule import AxisSpec, MaskSpec, NMMaskState
 
-
-class NMProjectionState(NamedTuple):
-  """State of :func:`nm_projection`.
-
-  Attributes:
-    count: number of updates seen (int32).
-    masks: bool masks with the params' structure (``optax.MaskedNode()`` on
-      leaves that are not pruned); all True before projection starts.
-    kept_mass: per pruned leaf, the fraction of ``sum |w|`` the mask kept when
-      it was last computed (float32 scalar).
-    flip_rate: per pruned leaf, the fraction of mask entries that changed at
-      the last mask update (float32 scalar).
-  """
-  count: jax.Array
-  masks: Any
-  kept_mass: Any
-  flip_rate: Any
+NMProjectionState = NMMaskState
+"""State of :func:`nm_projection` (the one N:M mask state type, :class:`NMMaskState`)."""
 
 
 def nm_projection(
     n: int | Callable[[jax.Array], jax.Array], m: int, *,
     transposable: bool = False,
-    axis: leaves_lib.AxisSpec = -2,
+    axis: AxisSpec = -2,
     update_every: int | None = 1,
     start_step: int = 0,
     init_masks: bool = False,
     method: str = "exact",
     objective: str = "l1",
-    mask: leaves_lib.MaskSpec = None,
+    mask: MaskSpec = None,
     diagnostics: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Projects the updated params onto N:M sparsity (put it LAST in a chain).
@@ -53,6 +36,17 @@ def nm_projection(
   ``axis`` (``n`` = KEPT), or with ``transposable=True`` the best transposable
   mask of every ``m x m`` tile of the last two axes. It is computed from the
   magnitudes of ``params + updates`` and lives in the state.
+
+  Recomputing transposable masks is the expensive part: ``update_every=k``
+  (e.g. 40, the published T-N:M recipe) is the cheap path; plain N:M masks
+  cost about one elementwise pass and can be recomputed every step.
+
+  Composes with the optax idioms (tested for every transform): ``jax.jit``
+  with donated params and state, ``vmap``/``scan``, ``optax.masked`` /
+  ``multi_transform`` / ``partition`` (excluded leaves are left alone),
+  ``optax.MultiSteps``, ``optax.inject_hyperparams`` (``n`` injectable for
+  plain N:M; ``m`` is read from the state), ``nnx.Optimizer``, orbax, and
+  meshes with Auto or Explicit axes.
 
   Args:
     n: entries kept per group of ``m``; or a schedule ``count -> n`` (an int
@@ -81,7 +75,8 @@ def nm_projection(
       they stay 0).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; its update needs ``params``.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`NMProjectionState`; its update needs ``params``.
 
   Raises:
     ValueError: at construction for bad options; at init/trace time naming the
@@ -107,90 +102,23 @@ def nm_projection(
     Efficient Method to Find N:M Transposable Masks", NeurIPS 2021,
     https://arxiv.org/abs/2102.08124.
   """
-  who = "nm_projection"
-  n, m = _common.check_options(n, m, transposable=transposable, method=method,
-                               objective=objective, who=who)
-  update_every = _common.check_step(update_every, "update_every", who,
-                                    allow_none=True, minimum=1)
-  start_step = _common.check_step(start_step, "start_step", who)
-  if init_masks and start_step:
-    raise ValueError(f"{who}: init_masks=True projects from step 0, so "
-                     f"start_step must be 0 (got {start_step}).")
-  if callable(n) and update_every is None:
-    raise ValueError(f"{who}: a schedule for n needs masks that are "
-                     "recomputed (update_every=None keeps them fixed).")
-
-  def pruned_of(params):
-    return leaves_lib.resolve(params, m, mask=mask, axis=axis,
-                              transposable=transposable, who=who)
-
-  def masks_of(arrays, pruned, count):
-    n_now = n(count) if callable(n) else n
-    return _common.compute_masks(arrays, pruned, n_now, m,
-                                 transposable=transposable, method=method,
-                                 objective=objective)
+  schedule = nm_schedule.make_schedule(
+      n, m, who="nm_projection", transposable=transposable, axis=axis,
+      update_every=update_every, start_step=start_step, init_masks=init_masks,
+      method=method, objective=objective, mask=mask, diagnostics=diagnostics)
 
   def init_fn(params):
-    pruned = pruned_of(params)
-    arrays = _common.gather(params, pruned)
-    if init_masks:
-      masks = masks_of(arrays, pruned, jnp.zeros([], jnp.int32))
-    else:
-      masks = [jnp.ones_like(a, dtype=bool) for a in arrays]
-    zeros = [jnp.zeros_like(a, jnp.float32, shape=()) for a in arrays]
-    kept = [_common.kept_mass(a, mk) for a, mk in zip(arrays, masks)] \
-        if diagnostics else zeros
-    return NMProjectionState(
-        count=jnp.zeros([], jnp.int32),
-        masks=_common.scatter(params, pruned, masks),
-        kept_mass=_common.scatter(params, pruned, kept),
-        flip_rate=_common.scatter(params, pruned, zeros))
+    return schedule.init(params)[1]
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    pruned = pruned_of(params)
-    count = state.count
-    p_list = _common.gather(params, pruned)
-    u_list = _common.gather(updates, pruned)
+    pruned = schedule.select(params, schedule.group_size(state))
+    idx = [p.index for p in pruned]
+    p_list = trees.gather(params, idx)
+    u_list = trees.gather(updates, idx)
     new_list = [p + u for p, u in zip(p_list, u_list)]
-    old_masks = _common.gather(state.masks, pruned)
-    old_kept = _common.gather(state.kept_mass, pruned)
-    old_flip = _common.gather(state.flip_rate, pruned)
-
-    if init_masks:  # masks from init are used from step 0
-      active = jnp.asarray(True)
-      recompute = jnp.asarray(False) if update_every is None else (
-          (count > 0) & (count % update_every == 0))
-    else:
-      active = count >= start_step
-      recompute = (count == start_step) if update_every is None else (
-          active & ((count - start_step) % update_every == 0))
-
-    def held(values):  # state values, typed like fresh ones (shard_map)
-      return [_common.match_vma(x, w) for x, w in zip(values, new_list)]
-
-    def fresh(_):
-      masks = masks_of(new_list, pruned, count)
-      if not diagnostics:
-        return masks, held(old_kept), held(old_flip)
-      kept = [_common.kept_mass(w, mk) for w, mk in zip(new_list, masks)]
-      flips = [_common.flip_rate(o, mk) for o, mk in zip(old_masks, masks)]
-      return masks, kept, flips
-
-    def keep(_):
-      return held(old_masks), held(old_kept), held(old_flip)
-
-    masks, kept, flips = lax.cond(recompute, fresh, keep, None)
-    out = []
-    for p, u, w, mk in zip(p_list, u_list, new_list, masks):
-      projected = jnp.where(mk, w, jnp.zeros((), w.dtype)) - p
-      out.append(jnp.where(active, projected, u.astype(projected.dtype)))
-    new_updates = _common.replace(updates, pruned, out)
-    new_state = NMProjectionState(
-        count=optax.safe_increment(count),
-        masks=_common.scatter(params, pruned, masks),
-        kept_mass=_common.scatter(params, pruned, kept),
-        flip_rate=_common.scatter(params, pruned, flips))
-    return new_updates, new_state
+    active, masks, new_state = schedule.update(state, params, new_list, pruned)
+    out = nm_schedule.project(p_list, u_list, new_list, masks, active)
+    return trees.replace(updates, idx, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

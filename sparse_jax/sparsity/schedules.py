@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.masks import _checks
+from sparse_jax._core import checks
 
 
 def nm_schedule(n: int, m: int, *, start_step: int, end_step: int,
@@ -40,7 +40,7 @@ def nm_schedule(n: int, m: int, *, start_step: int, end_step: int,
     Zhu & Gupta, "To prune, or not to prune", https://arxiv.org/abs/1710.01878;
     Zhou et al., ICLR 2021, https://arxiv.org/abs/2102.04010.
   """
-  n, m = _checks.check_nm(n, m)
+  n, m = checks.check_nm(n, m, who="nm_schedule")
   if not (isinstance(start_step, int) and isinstance(end_step, int)
           and 0 <= start_step < end_step):
     raise ValueError("need integer steps with 0 <= start_step < end_step, got "

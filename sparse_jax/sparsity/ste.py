@@ -8,29 +8,20 @@ on the pruned weights to the gradients.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sparse_jax.sparsity import _common
-from sparse_jax.sparsity import leaves as leaves_lib
-
-
-def _masks(params, n, m, *, transposable, axis, method, objective, mask, who):
-  pruned = leaves_lib.resolve(params, m, mask=mask, axis=axis,
-                              transposable=transposable, who=who)
-  arrays = [jax.lax.stop_gradient(a) for a in _common.gather(params, pruned)]
-  masks = _common.compute_masks(arrays, pruned, n, m,
-                                transposable=transposable, method=method,
-                                objective=objective)
-  return pruned, masks
+from sparse_jax._core import checks
+from sparse_jax._core import nm_schedule
+from sparse_jax._core import trees
+from sparse_jax._core.nm_schedule import AxisSpec, MaskSpec, NMMaskState
 
 
 def nm_ste(params, n: int | jax.Array, m: int, *, transposable: bool = False,
-           axis: leaves_lib.AxisSpec = -2, method: str = "exact",
-           objective: str = "l1", mask: leaves_lib.MaskSpec = None):
+           axis: AxisSpec = -2, method: str = "exact",
+           objective: str = "l1", mask: MaskSpec = None):
   """N:M-masked params for the forward pass, with a straight-through gradient.
 
   Each pruned leaf ``w`` becomes ``w + stop_gradient(mask(w) * w - w)``: its
@@ -65,43 +56,33 @@ def nm_ste(params, n: int | jax.Array, m: int, *, transposable: bool = False,
     Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks
     From Scratch", ICLR 2021, https://arxiv.org/abs/2102.04010.
   """
-  who = "nm_ste"
-  n, m = _common.check_options(n, m, transposable=transposable, method=method,
-                               objective=objective, who=who)
   if callable(n):
-    raise ValueError(f"{who}: pass n as an int or an integer scalar (e.g. "
+    raise ValueError("nm_ste: pass n as an int or an integer scalar (e.g. "
                      "schedule(step)), not the schedule itself.")
-  pruned, masks = _masks(params, n, m, transposable=transposable, axis=axis,
-                         method=method, objective=objective, mask=mask,
-                         who=who)
+  schedule = nm_schedule.make_schedule(
+      n, m, who="nm_ste", transposable=transposable, axis=axis, method=method,
+      objective=objective, mask=mask)
+  pruned, arrays, masks = schedule.oneshot(params)
   out = []
-  for w, mk in zip(_common.gather(params, pruned), masks):
+  for w, mk in zip(arrays, masks):
     sparse = jnp.where(mk, w, jnp.zeros((), w.dtype))
     out.append(w + jax.lax.stop_gradient(sparse - w))
-  return _common.replace(params, pruned, out)
+  return trees.replace(params, [p.index for p in pruned], out)
 
 
-class SRSTEState(NamedTuple):
-  """State of :func:`sr_ste` (masks of the params at the last update).
-
-  Attributes:
-    count: number of updates seen.
-    masks: bool masks (``optax.MaskedNode()`` on leaves not pruned).
-    kept_mass: per pruned leaf, fraction of ``sum |w|`` the mask kept.
-    flip_rate: per pruned leaf, fraction of mask entries changed since the
-      previous update.
-  """
-  count: jax.Array
-  masks: Any
-  kept_mass: Any
-  flip_rate: Any
+SRSTEState = NMMaskState
+"""State of :func:`sr_ste` (the one N:M mask state type, :class:`NMMaskState`)."""
 
 
 def sr_ste(n: int | Callable[[jax.Array], jax.Array], m: int, *,
            decay: float = 2e-4, transposable: bool = False,
-           axis: leaves_lib.AxisSpec = -2, method: str = "exact",
+           axis: AxisSpec = -2,
+           update_every: int | None = 1,
+           start_step: int = 0,
+           init_masks: bool = False,
+           method: str = "exact",
            objective: str = "l1",
-           mask: leaves_lib.MaskSpec = None,
+           mask: MaskSpec = None,
            diagnostics: bool = True,
            ) -> optax.GradientTransformationExtraArgs:
   """SR-STE: adds ``decay * (1 - mask(params)) * params`` to the gradients.
@@ -120,6 +101,11 @@ def sr_ste(n: int | Callable[[jax.Array], jax.Array], m: int, *,
     decay: the SR-STE coefficient lambda_W (2e-4 in the paper).
     transposable: use transposable N:M masks on the last two axes.
     axis: N:M axis (int, pytree or callable).
+    update_every: recompute the mask from the current params every this many
+      steps (default 1: every step, the paper's SR-STE; from ``start_step``);
+      None: keep the first mask. Use the same masks in the forward pass.
+    start_step: dense warm-up: no decay before this step.
+    init_masks: use the masks of the params given to ``init`` from step 0.
     method: transposable solver.
     objective: transposable objective.
     mask: which leaves to prune (None: :func:`default_filter`).
@@ -127,7 +113,8 @@ def sr_ste(n: int | Callable[[jax.Array], jax.Array], m: int, *,
       extra reductions per step; with False they stay 0).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; its update needs ``params``.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`SRSTEState`; its update needs ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -143,51 +130,28 @@ def sr_ste(n: int | Callable[[jax.Array], jax.Array], m: int, *,
     Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks
     From Scratch", ICLR 2021, https://arxiv.org/abs/2102.04010.
   """
-  who = "sr_ste"
-  n, m = _common.check_options(n, m, transposable=transposable, method=method,
-                               objective=objective, who=who)
-  try:
-    decay = float(decay)
-  except (TypeError, ValueError):
-    raise ValueError(f"{who}: decay must be a float, got {decay!r}.") from None
-  if decay < 0:
-    raise ValueError(f"{who}: decay must be >= 0, got {decay}.")
-  opts = dict(transposable=transposable, axis=axis, method=method,
-              objective=objective, mask=mask, who=who)
-
-  def n_at(count):
-    return n(count) if callable(n) else n
+  schedule = nm_schedule.make_schedule(
+      n, m, who="sr_ste", transposable=transposable, axis=axis,
+      update_every=update_every, start_step=start_step, init_masks=init_masks,
+      method=method, objective=objective, mask=mask, diagnostics=diagnostics)
+  decay = checks.check_float(decay, "decay", who="sr_ste", minimum=0.0,
+                             traced_ok=True)
 
   def init_fn(params):
-    pruned, masks = _masks(params, n_at(jnp.zeros([], jnp.int32)), m, **opts)
-    arrays = _common.gather(params, pruned)
-    zeros = [jnp.zeros_like(a, jnp.float32, shape=()) for a in arrays]
-    kept = [_common.kept_mass(a, mk) for a, mk in zip(arrays, masks)] \
-        if diagnostics else zeros
-    return SRSTEState(jnp.zeros([], jnp.int32),
-                      _common.scatter(params, pruned, masks),
-                      _common.scatter(params, pruned, kept),
-                      _common.scatter(params, pruned, zeros))
+    # The masks of the init params (what nm_ste masks at step 0).
+    return schedule.init(params, compute=True)[1]
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    pruned, masks = _masks(params, n_at(state.count), m, **opts)
-    arrays = _common.gather(params, pruned)
-    old = _common.gather(state.masks, pruned)
+    pruned = schedule.select(params, schedule.group_size(state))
+    idx = [p.index for p in pruned]
+    arrays = trees.gather(params, idx)
+    active, masks, new_state = schedule.update(state, params, arrays, pruned)
     out = []
-    for u, w, mk in zip(_common.gather(updates, pruned), arrays, masks):
+    for u, w, mk in zip(trees.gather(updates, idx), arrays, masks):
       pruned_w = jnp.where(mk, jnp.zeros((), w.dtype), w)
-      out.append(u + decay * pruned_w.astype(u.dtype))
-    if diagnostics:
-      kept = [_common.kept_mass(a, mk) for a, mk in zip(arrays, masks)]
-      flips = [_common.flip_rate(o, mk) for o, mk in zip(old, masks)]
-    else:
-      kept = _common.gather(state.kept_mass, pruned)
-      flips = _common.gather(state.flip_rate, pruned)
-    new_state = SRSTEState(optax.safe_increment(state.count),
-                           _common.scatter(params, pruned, masks),
-                           _common.scatter(params, pruned, kept),
-                           _common.scatter(params, pruned, flips))
-    return _common.replace(updates, pruned, out), new_state
+      decayed = u + (decay * pruned_w).astype(u.dtype)
+      out.append(decayed if active is True else jnp.where(active, decayed, u))
+    return trees.replace(updates, idx, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
