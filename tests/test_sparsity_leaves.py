@@ -4,6 +4,7 @@ import doctest
 
 import jax
 from sparse_jax._core import nm_schedule
+from sparse_jax._core.trees import path_str
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -68,7 +69,9 @@ def test_attention_kernels_need_an_explicit_axis():
   got = axes(params)
   flat = jax.tree_util.tree_flatten_with_path(got)[0]
   for p, ax in flat:
-    key = jax.tree_util.keystr(p)
+    # Rules match the path NAME (no trailing ".value" of NNX variables,
+    # which used to make "value" match every leaf).
+    key = path_str(p)
     assert ax == (0 if any(k in key for k in ("query", "key", "value"))
                   else -2)
   # or leave attention dense
