@@ -131,7 +131,7 @@ def test_jit_vmap_and_traced_n():
     (0, 4, (4, 4), -2, "1 <= n <= m"),
     (2, 4, (6, 4), -2, "not divisible by m=4"),
     (2, 4, (4, 4), 2, "out of range"),
-    (2, 0, (4, 4), -2, "m must be >= 1"),
+    (2, 0, (4, 4), -2, "m must be an int >= 1"),
     (2.0, 4, (4, 4), -2, "Python int"),
 ])
 def test_bad_arguments(n, m, shape, axis, match):

@@ -227,7 +227,7 @@ def test_leaf_selection_errors_name_the_path():
   with pytest.raises(ValueError, match="needs the params"):
     tx = nm_projection(2, 4)
     tx.update(bad, tx.init(bad))
-  with pytest.raises(ValueError, match="update_every must be >= 1"):
+  with pytest.raises(ValueError, match="update_every must be an int >= 1"):
     nm_projection(2, 4, update_every=0)
   with pytest.raises(ValueError, match="method must be one of"):
     nm_projection(2, 4, method="lp")

@@ -60,7 +60,7 @@ def check_int(value: Any, name: str, *, who: str = "", minimum: int = 1,
     raise ValueError(f"{_prefix(who)}{name} must be {what}, got "
                      f"{value!r}.") from None
   if v < minimum:
-    raise ValueError(f"{_prefix(who)}{name} must be >= {minimum}, got "
+    raise ValueError(f"{_prefix(who)}{name} must be an int >= {minimum}, got "
                      f"{name}={v}.")
   return v
 
@@ -106,7 +106,11 @@ def check_float(value: Any, name: str, *, who: str = "",
   if maximum is not None:
     bad |= v >= maximum if max_open else v > maximum
   if bad:
-    rng = f"{lo} and {hi}" if lo and hi else lo or hi
+    if lo and hi:
+      rng = (f"in {'(' if min_open else '['}{minimum}, {maximum}"
+             f"{')' if max_open else ']'}")
+    else:
+      rng = lo or hi
     raise ValueError(f"{_prefix(who)}{name} must be {rng}, got "
                      f"{name}={value!r}.")
   return v
@@ -116,8 +120,8 @@ def check_choice(value: Any, name: str, choices: Sequence[Any], *,
                  who: str = "") -> Any:
   """``value`` if it is one of ``choices``, else a ValueError listing them."""
   if isinstance(value, bool) or value not in tuple(choices):
-    raise ValueError(f"{_prefix(who)}{name} must be one of {tuple(choices)}, "
-                     f"got {value!r}.")
+    raise ValueError(f"{_prefix(who)}unknown {name} {value!r}: {name} must be "
+                     f"one of {tuple(choices)}.")
   return value
 
 

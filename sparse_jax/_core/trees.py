@@ -132,9 +132,9 @@ def broadcast(spec_tree: PyTree, tree: PyTree, *, who: str,
           node = MaskedNode()
           break
         raise ValueError(
-            f"{who}: {name} must be a pytree with the structure of the params "
-            f"(or a prefix of it), or a callable params -> such a pytree; it "
-            f"has no entry {jax.tree_util.keystr(tuple(path[:i + 1]))} for the "
+            f"{who}: {name} does not match the structure of the params: it "
+            f"must be a pytree with the params' structure (or a prefix of "
+            f"it), or a callable params -> such a pytree; it has no entry {jax.tree_util.keystr(tuple(path[:i + 1]))} for the "
             f"leaf {path_str(path)} (it has "
             f"{sorted(jax.tree_util.keystr((k,)) for k in kids)}).")
       node = kids[key]

@@ -53,13 +53,15 @@ bytes per device of this step's exchange and of a dense ring all-reduce
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from sparse_jax._core import checks
+from sparse_jax._core import keys
+from sparse_jax._core import trees
 from sparse_jax.compression import exchange
 from sparse_jax.compression import wire
 from sparse_jax.compression.compressors import Compressor
@@ -107,28 +109,20 @@ class ErrorFeedbackState(NamedTuple):
   local: WorkerLocal
 
 
-def mask_flags(mask, tree, who: str) -> list[bool]:
-  """Static per-leaf flags from an optax-style mask (pytree or callable)."""
-  leaves = jax.tree.leaves(tree)
-  if mask is None:
-    return [True] * len(leaves)
-  mask_tree = mask(tree) if callable(mask) else mask
-  try:
-    flags = jax.tree.leaves(jax.tree.map(lambda m, _: m, mask_tree, tree))
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{who}: the mask does not match the structure of the "
-                     f"parameters: {e}") from None
-  out = []
-  for flag in flags:
-    if isinstance(flag, jax.core.Tracer):
-      raise ValueError(f"{who}: mask leaves must be Python bools, got a traced "
-                       "value")
-    out.append(bool(flag))
-  return out
+def leaf_kinds(mask: Any, tree: Any, who: str) -> tuple[list[bool], list[bool]]:
+  """``(compressed, absent)`` per leaf (flatten order of ``_core.trees``).
+
+  ``mask`` is an optax-style mask (pytree of bools, a prefix of one, or a
+  callable); ``absent`` marks ``optax.MaskedNode`` leaves (handed to another
+  transform by ``optax.masked`` & co.), which are neither compressed nor
+  exchanged.
+  """
+  absent = [trees.is_masked(x) for x in trees.leaves(tree)]
+  return trees.select(mask, tree, who=who, name="mask"), absent
 
 
 def _check_leaf(path, leaf, compressors: Sequence[Compressor], who: str):
-  where = jax.tree_util.keystr(path)
+  where = trees.path_str(path)
   shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"{who}: parameter {where} has dtype {dtype}; only "
@@ -185,7 +179,8 @@ def error_feedback(
     clip_norm: float | None = None,
     warmup_compressors: Sequence[Compressor] = (),
     warmup_steps: int = 0,
-    seed: int = 0,
+    key: Any = None,
+    seed: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Compresses the gradients with error feedback (EF / EF21 / DGC / none).
 
@@ -203,8 +198,11 @@ def error_feedback(
       ``"data"``); ``None`` for a single worker. The update then has to run
       where the axis is bound.
     mask: which leaves are compressed, in the optax way: a pytree of bools
-      matching the params, or a callable ``params -> such a pytree``. Other
-      leaves are sent dense (averaged with an all-reduce). ``None``: all.
+      matching the params (or a prefix of it, e.g. ``{"body": True, "head":
+      False}``), or a callable ``params -> such a pytree``. Other leaves are
+      sent dense (averaged with an all-reduce). ``None``: all. Leaves that
+      ``optax.masked`` / ``multi_transform`` hand to another transform
+      (``optax.MaskedNode``) are left alone.
     momentum: DGC momentum (default 0.9); only for ``variant="dgc"``.
     clip_norm: if set, each worker clips its own gradient to this global norm
       before anything else (DGC's local clipping: pass the global threshold
@@ -213,7 +211,15 @@ def error_feedback(
       other, for ``warmup_steps`` steps each before ``compressor`` (DGC:
       ``[top_k(0.25), top_k(0.0625), top_k(0.015625), top_k(0.004)]``).
     warmup_steps: steps per warm-up compressor.
-    seed: seed of the PRNG key of random compressors.
+    key: an int seed or a PRNG key for random compressors (default 0).
+    seed: deprecated name of ``key``.
+
+  Composes with ``jax.jit`` (donated params and state), ``vmap``/``scan``,
+  ``optax.masked`` / ``multi_transform`` / ``partition``,
+  ``optax.MultiSteps``, ``optax.inject_hyperparams`` (``learning_rate``,
+  ``momentum``, ``clip_norm`` injectable; a compressor's ``fraction`` fixes
+  the compressed shapes, so it is not), ``nnx.Optimizer`` and orbax; inside
+  ``jax.shard_map`` with ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -247,67 +253,70 @@ def error_feedback(
   if not isinstance(compressor, Compressor):
     raise ValueError(f"error_feedback: compressor must be a Compressor (e.g. "
                      f"sparse_jax.compression.top_k(0.01)), got {compressor!r}")
-  if variant not in VARIANTS:
-    raise ValueError(f"error_feedback: unknown variant {variant!r}; choose one "
-                     f"of {VARIANTS}")
+  checks.check_choice(variant, "variant", VARIANTS, who="error_feedback")
   if momentum is not None and variant != "dgc":
     raise ValueError(f"{who}: momentum is only used by variant='dgc'")
   momentum = 0.9 if momentum is None else momentum
-  if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
-      0.0 <= momentum < 1.0):
-    raise ValueError(f"{who}: momentum must be in [0, 1), got {momentum!r}")
-  if clip_norm is not None and not (isinstance(clip_norm, numbers.Real)
-                                    and clip_norm > 0):
-    raise ValueError(f"{who}: clip_norm must be > 0, got {clip_norm!r}")
-  if learning_rate is not None and not callable(learning_rate) and not (
-      isinstance(learning_rate, numbers.Real) and learning_rate > 0):
-    raise ValueError(f"{who}: learning_rate must be None, a number > 0 or a "
-                     f"schedule, got {learning_rate!r}")
+  momentum = checks.check_float(momentum, "momentum", who=who, minimum=0.0,
+                                maximum=1.0, max_open=True, traced_ok=True)
+  clip_norm = checks.check_float(clip_norm, "clip_norm", who=who, minimum=0.0,
+                                 min_open=True, allow_none=True,
+                                 traced_ok=True)
+  if learning_rate is not None and not callable(learning_rate):
+    learning_rate = checks.check_float(
+        learning_rate, "learning_rate (None, a number > 0 or a schedule)",
+        who=who, minimum=0.0, min_open=True, traced_ok=True)
   warmup_compressors = tuple(warmup_compressors)
   for comp in warmup_compressors:
     if not isinstance(comp, Compressor):
       raise ValueError(f"{who}: warmup_compressors must be Compressors, got "
                        f"{comp!r}")
-  if isinstance(warmup_steps, bool) or not isinstance(
-      warmup_steps, numbers.Integral) or warmup_steps < 0:
-    raise ValueError(f"{who}: warmup_steps must be an int >= 0, got "
-                     f"{warmup_steps!r}")
-  if bool(warmup_compressors) != bool(warmup_steps):
+  warmup_steps = checks.check_int(warmup_steps, "warmup_steps", who=who,
+                                  minimum=0, traced_ok=True)
+  if not checks.is_traced(warmup_steps) and (
+      bool(warmup_compressors) != bool(warmup_steps)):
     raise ValueError(f"{who}: give both warmup_compressors and warmup_steps "
                      f"> 0 (or neither), got {len(warmup_compressors)} "
                      f"compressors and warmup_steps={warmup_steps}")
   levels = warmup_compressors + (compressor,)
-  base_key = jax.random.key_data(jax.random.key(seed))
+  key = keys.seed_or_key(key, seed, who="error_feedback")
+  base_key = key if checks.is_traced(key) else keys.key_data(
+      key, who="error_feedback")
 
-  def zeros_where(flags, leaves, want: bool, treedef):
+  def zeros_where(flags, absent, leaves, want: bool, treedef):
     return jax.tree.unflatten(treedef, [
-        jnp.zeros_like(x) if flag == want else _MASKED
-        for x, flag in zip(leaves, flags)])
+        jnp.zeros_like(x) if flag == want and not gone else _MASKED
+        for x, flag, gone in zip(leaves, flags, absent)])
+
+  def zero():   # one buffer per field: a state may be donated
+    return jnp.zeros((), jnp.float32)
 
   def init_fn(params):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    flags = mask_flags(mask, params, who)
+    flat, treedef = trees.flatten(params)
+    flags, absent = leaf_kinds(mask, params, who)
     leaves = [x for _, x in flat]
     for (path, leaf), flag in zip(flat, flags):
       if flag:
         _check_leaf(path, leaf, levels, who)
-    compressed = functools.partial(zeros_where, flags, leaves, True, treedef)
-    empty = jax.tree.unflatten(treedef, [_MASKED] * len(leaves))
-    zero = jnp.zeros((), jnp.float32)
+    compressed = functools.partial(zeros_where, flags, absent, leaves, True,
+                                   treedef)
+    empty = lambda: jax.tree.unflatten(treedef, [_MASKED] * len(leaves))
     return ErrorFeedbackState(
         count=jnp.zeros((), jnp.int32),
-        key=jnp.array(base_key),   # its own buffer (states may be donated)
-        server=compressed() if variant == "ef21" else empty,
-        dense_momentum=(zeros_where(flags, leaves, False, treedef)
-                        if variant == "dgc" else empty),
-        wire=wire.WireBytes(zero, zero, zero),
+        key=jnp.array(base_key, jnp.uint32, copy=True),
+        server=compressed() if variant == "ef21" else empty(),
+        dense_momentum=(zeros_where(flags, absent, leaves, False, treedef)
+                        if variant == "dgc" else empty()),
+        wire=wire.WireBytes(zero(), zero(), zero()),
         local=WorkerLocal(
-            memory=compressed() if variant != "none" else empty,
-            momentum=compressed() if variant == "dgc" else empty,
-            error_ratio=zero))
+            memory=compressed() if variant != "none" else empty(),
+            momentum=compressed() if variant == "dgc" else empty(),
+            error_ratio=zero()))
 
   def wire_table(leaves, flags, n):
     """Static bytes per device, one row per compressor level."""
+    leaves, flags = zip(*[(x, f) for x, f in zip(leaves, flags)
+                          if not trees.is_masked(x)]) if leaves else ((), ())
     dense = sum(wire.ring_all_reduce_bytes(x.size * x.dtype.itemsize, n)
                 for x in leaves)
     dense_sent = sum(wire.ring_all_reduce_bytes(x.size * x.dtype.itemsize, n)
@@ -323,9 +332,9 @@ def error_feedback(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     n = 1 if axis_name is None else exchange.bound_axis_size(axis_name, who)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    flat, treedef = trees.flatten(updates)
     grads = [g for _, g in flat]
-    flags = mask_flags(mask, updates, who)
+    flags, absent = leaf_kinds(mask, updates, who)
     count = state.count
     if learning_rate is None:
       lr = 1.0
@@ -334,10 +343,12 @@ def error_feedback(
     else:
       lr = learning_rate
     if clip_norm is not None:
-      norm = _global_norm(grads)
+      norm = _global_norm([g for g, gone in zip(grads, absent) if not gone])
       scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
-      grads = [g * scale.astype(g.dtype) for g in grads]
-    incoming = [g * jnp.asarray(lr, g.dtype) for g in grads]
+      grads = [g if gone else g * scale.astype(g.dtype)
+               for g, gone in zip(grads, absent)]
+    incoming = [g if gone else g * jnp.asarray(lr, g.dtype)
+                for g, gone in zip(grads, absent)]
 
     memory = treedef.flatten_up_to(state.local.memory)
     mom = treedef.flatten_up_to(state.local.momentum)
@@ -427,6 +438,9 @@ def error_feedback(
       out[i] = sign * step_part[j] if variant == "ef21" else step_part[j]
     for i, f in enumerate(flags):
       if f:
+        continue
+      if absent[i]:
+        out[i] = grads[i]
         continue
       x = incoming[i]
       if axis_name is not None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any
 
 import jax
@@ -46,7 +45,10 @@ from sparse_jax.compression import exchange
 from sparse_jax.compression import wire
 from sparse_jax.compression.error_feedback import ErrorFeedbackState
 from sparse_jax.compression.error_feedback import WorkerLocal
-from sparse_jax.compression.error_feedback import mask_flags
+from sparse_jax._core import checks
+from sparse_jax._core import keys
+from sparse_jax._core import trees
+from sparse_jax.compression.error_feedback import leaf_kinds
 
 _MASKED = optax.MaskedNode()
 
@@ -71,7 +73,8 @@ def orthonormalize(p: jax.Array) -> jax.Array:
 
 def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
              axis_name: Any = None, mask: Any = None,
-             seed: int = 0) -> optax.GradientTransformationExtraArgs:
+             key: Any = None,
+             seed: Any = None) -> optax.GradientTransformationExtraArgs:
   """PowerSGD low-rank compression with error feedback.
 
   Args:
@@ -80,8 +83,12 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
       chain an optimizer) or a float/schedule (multiplies the gradient before
       the memory; output ``-M_hat``, ready to apply).
     axis_name: the ``jax.shard_map`` mesh axis of the workers, or ``None``.
-    mask: optax-style mask of the leaves to compress (others: dense).
-    seed: seed of the initial ``Q`` (the same on every worker).
+    mask: optax-style mask of the leaves to compress (others: dense; a
+      prefix or a callable also work; ``optax.MaskedNode`` leaves from
+      ``optax.masked`` are left alone).
+    key: an int seed or a PRNG key of the initial ``Q`` (the same on every
+      worker; default 0).
+    seed: deprecated name of ``key``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -103,27 +110,26 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
     https://arxiv.org/abs/1905.13727
   """
   who = f"powersgd(rank={rank!r})"
-  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or (
-      rank < 1):
-    raise ValueError(f"powersgd: rank must be an int >= 1, got {rank!r}")
-  if learning_rate is not None and not callable(learning_rate) and not (
-      isinstance(learning_rate, numbers.Real) and learning_rate > 0):
-    raise ValueError(f"{who}: learning_rate must be None, a number > 0 or a "
-                     f"schedule, got {learning_rate!r}")
+  rank = checks.check_int(rank, "rank", who="powersgd")
+  if learning_rate is not None and not callable(learning_rate):
+    learning_rate = checks.check_float(
+        learning_rate, "learning_rate (None, a number > 0 or a schedule)",
+        who=who, minimum=0.0, min_open=True, traced_ok=True)
+  key = keys.seed_or_key(key, seed, who="powersgd")
 
   def compressed_flags(tree):
-    flags = mask_flags(mask, tree, who)
+    flags, _ = leaf_kinds(mask, tree, who)
     return [f and low_rank_saves(jnp.shape(x), rank)
-            for x, f in zip(jax.tree.leaves(tree), flags)]
+            for x, f in zip(trees.leaves(tree), flags)]
 
   def init_fn(params):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = trees.flatten(params)
     flags = compressed_flags(params)
-    key = jax.random.key(seed)
+    init_key = keys.as_key(key, who="powersgd")
     memory, qs = [], []
     for i, ((path, x), f) in enumerate(zip(flat, flags)):
       if f and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise ValueError(f"{who}: parameter {jax.tree_util.keystr(path)} has "
+        raise ValueError(f"{who}: parameter {trees.path_str(path)} has "
                          f"dtype {jnp.result_type(x)}; exclude it with `mask`")
       if not f:
         memory.append(_MASKED)
@@ -131,18 +137,18 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
         continue
       _, n = _matrix_shape(jnp.shape(x))
       memory.append(jnp.zeros_like(x))
-      qs.append(jax.random.normal(jax.random.fold_in(key, i), (n, rank),
+      qs.append(jax.random.normal(jax.random.fold_in(init_key, i), (n, rank),
                                   jnp.result_type(x)))
-    empty = jax.tree.unflatten(treedef, [_MASKED] * len(flat))
-    zero = jnp.zeros((), jnp.float32)
+    empty = lambda: jax.tree.unflatten(treedef, [_MASKED] * len(flat))
+    zero = lambda: jnp.zeros((), jnp.float32)   # own buffers (donation)
     return ErrorFeedbackState(
         count=jnp.zeros((), jnp.int32),
-        key=jax.random.key_data(key),
+        key=jnp.array(jax.random.key_data(init_key), copy=True),
         server=jax.tree.unflatten(treedef, qs),
-        dense_momentum=empty,
-        wire=wire.WireBytes(zero, zero, zero),
+        dense_momentum=empty(),
+        wire=wire.WireBytes(zero(), zero(), zero()),
         local=WorkerLocal(memory=jax.tree.unflatten(treedef, memory),
-                          momentum=empty, error_ratio=zero))
+                          momentum=empty(), error_ratio=zero()))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -150,7 +156,7 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
                  else exchange.bound_axis_size(axis_name, who))
     mean = ((lambda x: x) if axis_name is None
             else functools.partial(exchange.dense_mean, axis_name=axis_name))
-    grads, treedef = jax.tree.flatten(updates)
+    grads, treedef = jax.tree.flatten(updates, is_leaf=trees.is_masked)
     flags = compressed_flags(updates)
     if learning_rate is None:
       lr = 1.0
@@ -166,6 +172,11 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
     in_sq = jnp.zeros((), jnp.float32)
     sent = dense = 0.0
     for g, e, q, f in zip(grads, memory, qs, flags):
+      if trees.is_masked(g):
+        out.append(g)
+        new_memory.append(e)
+        new_qs.append(q)
+        continue
       incoming = g * jnp.asarray(lr, g.dtype)
       nbytes = g.size * g.dtype.itemsize
       dense += wire.ring_all_reduce_bytes(nbytes, n_workers)

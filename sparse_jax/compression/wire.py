@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from sparse_jax._core import trees
+
 
 class WireBytes(NamedTuple):
   """Bytes one device moves in one step (float32 scalars inside a state)."""
@@ -57,8 +59,9 @@ def exchange_bytes(compressor, params, *, num_workers: int,
     params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (the gradient
       shapes).
     num_workers: ``n``, the size of the data axis.
-    mask: the same mask given to ``error_feedback`` (pytree of bools or a
-      callable ``params -> pytree of bools``); ``None`` compresses every leaf.
+    mask: the same mask given to ``error_feedback`` (pytree of bools, a
+      prefix of one, or a callable ``params -> pytree of bools``); ``None``
+      compresses every leaf.
 
   Returns:
     A :class:`WireBytes` of Python floats.
@@ -72,12 +75,10 @@ def exchange_bytes(compressor, params, *, num_workers: int,
     (56000.0, 7000000.0)
   """
   n = int(num_workers)
-  leaves = jax.tree.leaves(params)
-  if mask is None:
-    flags = [True] * len(leaves)
-  else:
-    mask_tree = mask(params) if callable(mask) else mask
-    flags = jax.tree.leaves(mask_tree)
+  flags = trees.select(mask, params, who="exchange_bytes")
+  leaves = trees.leaves(params)
+  leaves, flags = ([x for x in leaves if not trees.is_masked(x)],
+                   [f for x, f in zip(leaves, flags) if not trees.is_masked(x)])
   sent = 0.0
   dense = 0.0
   for leaf, flag in zip(leaves, flags):
@@ -181,3 +182,4 @@ def hlo_wire_bytes(hlo_text: str, *, num_devices: int | None = None,
       continue
     totals[op.kind] = totals.get(op.kind, 0.0) + op.bytes_per_device
   return totals
+

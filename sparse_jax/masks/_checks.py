@@ -12,14 +12,19 @@ from sparse_jax._core.checks import (check_int, check_m, check_nm,  # noqa: F401
 
 
 def magnitude_key(w: jax.Array) -> jax.Array:
-  """|w| with NaN mapped to -1, so NaN ranks below every number (even 0)."""
+  """A key ordered like |w|, NaN ranked below every number (even 0)."""
   if jnp.issubdtype(w.dtype, jnp.bool_):
     return w.astype(jnp.int8)
   if w.dtype in (jnp.bfloat16, jnp.float16):
     w = w.astype(jnp.float32)  # exact; CPUs compare f32 much faster
   a = jnp.abs(w)
   if jnp.issubdtype(w.dtype, jnp.inexact):
-    a = jnp.where(jnp.isnan(a), jnp.asarray(-1, a.dtype), a)
+    # The bits of |w| as a signed int: ordered like the magnitudes, and
+    # exact for subnormals (XLA:CPU flushes them to 0 in float compares, so
+    # 1e-45 would tie with 0); NaN (whose bits exceed inf's) becomes -1.
+    bits = jax.lax.bitcast_convert_type(
+        a, jnp.int64 if a.dtype == jnp.float64 else jnp.int32)
+    return jnp.where(jnp.isnan(a), jnp.asarray(-1, bits.dtype), bits)
   return a
 
 
