@@ -54,6 +54,11 @@ def check_int(value: Any, name: str, *, who: str = "", minimum: int = 1,
       raise ValueError(f"{_prefix(who)}{name} must be an integer scalar, got "
                        f"{value!r}.")
     return value
+  if is_traced(value):
+    raise ValueError(
+        f"{_prefix(who)}{name} must be a static {what}: it fixes array "
+        f"shapes, got a traced value (with optax.inject_hyperparams pass "
+        f"static_args=('{name}',)).")
   try:
     v = operator.index(value)
   except TypeError:

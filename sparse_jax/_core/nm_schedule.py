@@ -33,11 +33,11 @@ MaskSpec = Any   # None | pytree of bools (or prefix) | callable
 
 @dataclasses.dataclass(frozen=True)
 class Static:
-  """A static (leafless, hashable) value kept in a state: e.g. the group size.
+  """Static (leafless, hashable) values kept in a state: ``(m, axis)``.
 
   ``optax.inject_hyperparams`` hands the factory every numeric argument as a
-  (traced) array; the group size ``m`` fixes array shapes, so the update reads
-  the ``m`` the state was initialised with from here.
+  (traced) array; the group size ``m`` and an int ``axis`` fix array shapes,
+  so the update reads the values the state was initialised with from here.
   """
   value: Any
 
@@ -57,7 +57,7 @@ class NMMaskState(NamedTuple):
       it was last computed (float32 scalar; 0 with ``diagnostics=False``).
     flip_rate: per pruned leaf, the fraction of mask entries that changed at
       the last mask update (float32 scalar; 0 with ``diagnostics=False``).
-    group: the static group size ``m`` (no array leaves).
+    group: the static ``(m, axis)`` (no array leaves).
   """
   count: jax.Array
   masks: PyTree
@@ -330,15 +330,26 @@ class MaskSchedule:
             and checks.is_static_int(self.start_step)
             and int(self.update_every) == 1 and int(self.start_step) == 0)
 
-  def group_size(self, state: NMMaskState | None = None) -> int:
-    if not checks.is_traced(self.m):
-      return self.m
+  def structure(self, state: NMMaskState | None = None) -> tuple[int, Any]:
+    """``(m, axis)``: static, from the state when injected (traced) here."""
+    if not (checks.is_traced(self.m) or checks.is_traced(self.axis)):
+      return self.m, self.axis
     if state is None or state.group.value is None:
       raise ValueError(
-          f"{self.who}: m fixes the shapes of the masks, so it cannot be a "
-          "traced value here; with optax.inject_hyperparams pass "
-          "static_args=('m',) or call init eagerly.")
+          f"{self.who}: m and axis fix the shapes of the masks, so they "
+          "cannot be traced values here; with optax.inject_hyperparams pass "
+          "static_args=('m', 'axis') or call init eagerly.")
     return state.group.value
+
+  def group_size(self, state: NMMaskState | None = None) -> int:
+    return self.structure(state)[0]
+
+  def with_structure(self, state: NMMaskState | None) -> "MaskSchedule":
+    """This schedule with ``m`` and ``axis`` made static (see :class:`Static`)."""
+    m, axis = self.structure(state)
+    if m is self.m and axis is self.axis:
+      return self
+    return dataclasses.replace(self, m=m, axis=axis)
 
   def n_at(self, count: jax.Array) -> Any:
     return self.n(count) if callable(self.n) else self.n
@@ -417,7 +428,8 @@ class MaskSchedule:
                        masks=trees.scatter(params, idx, masks),
                        kept_mass=trees.scatter(params, idx, kept),
                        flip_rate=trees.scatter(params, idx, flips),
-                       group=Static(m))
+                       group=Static((m, self.axis if checks.is_static_int(
+                           self.axis) else None)))
 
   def update(self, state: NMMaskState, params: PyTree,
              values: list[jax.Array], pruned: list[PrunedLeaf], *,
@@ -471,6 +483,8 @@ def make_schedule(n: Any, m: Any, *, who: str, transposable: bool = False,
   """A validated :class:`MaskSchedule` (errors name ``who`` and the option)."""
   n, m = check_nm_options(n, m, transposable=transposable, method=method,
                           objective=objective, who=who)
+  if checks.is_static_int(axis):
+    axis = int(axis)   # hashable: it is kept in the state (Static)
   update_every = checks.check_int(update_every, "update_every", who=who,
                                   allow_none=True, traced_ok=True)
   start_step = checks.check_int(start_step, "start_step", who=who, minimum=0,

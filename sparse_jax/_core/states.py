@@ -57,3 +57,23 @@ def replace(opt_state: PyTree, types: type | tuple[type, ...],
   is_state = lambda x: isinstance(x, types)
   return jax.tree.map(lambda x: new if is_state(x) else x,
                       unwrap(opt_state), is_leaf=is_state)
+
+
+def retype_like(tree: PyTree, like: Any, wrt: Any = None) -> PyTree:
+  """``tree``'s leaves in the structure (and NNX Variable types) of ``like``.
+
+  ``like`` is a pytree with as many leaves, or an ``nnx.Module`` whose
+  ``nnx.state(like, wrt)`` (default ``wrt``: ``nnx.Param``) gives it. Used to
+  hand FOO-VB samples back as ``nnx.Param`` variables, so that gradients
+  taken at them pass the ``wrt`` filter of ``nnx.Optimizer.update``.
+  """
+  from flax import nnx
+  if isinstance(like, nnx.Module):
+    like = nnx.state(like, nnx.Param if wrt is None else wrt)
+  leaves = jax.tree.leaves(tree)
+  treedef = jax.tree.structure(like)
+  if treedef.num_leaves != len(leaves):
+    raise ValueError(
+        f"like has {treedef.num_leaves} leaves, the samples {len(leaves)}: "
+        "pass the model (or its nnx.state with the optimizer's wrt filter).")
+  return jax.tree.unflatten(treedef, leaves)

@@ -223,6 +223,20 @@ def replace(tree: PyTree, indices: list[int], values: list[Any]) -> PyTree:
   return jax.tree.unflatten(treedef, flat)
 
 
+def present_index(tree_leaves: list[Any]) -> list[int]:
+  """Per leaf, its index among the leaves that are not ``MaskedNode``.
+
+  Random streams are folded with this index (not the flat one), so a
+  transform inside ``optax.masked`` draws exactly what it draws on the
+  selected subtree alone.
+  """
+  out, k = [], 0
+  for x in tree_leaves:
+    out.append(k)
+    k += not is_masked(x)
+  return out
+
+
 def is_params_placeholder(params: Any) -> bool:
   """True for the symbolic params ``optax.tree_utils.tree_map_params`` passes to init."""
   return type(params).__name__ == "_ParamsPlaceholder"

@@ -77,6 +77,13 @@ class Layout:
   full: tuple[int, ...]
   dtypes: tuple[Any, ...] = ()
 
+  def noise_index(self, i: int) -> int:
+    """The index leaf ``i``'s noise is folded with: its index among the
+    present (not ``"absent"``) leaves, so ``optax.masked(foovb(...))`` draws
+    what ``foovb`` draws on the selected subtree alone. ``i = len(kinds)``
+    gives the full covariance's index."""
+    return sum(k != ABSENT for k in self.kinds[:i])
+
   @property
   def full_size(self) -> int:
     return sum(math.prod(self.shapes[i]) for i in self.full)

@@ -341,15 +341,16 @@ def foovb_nm_projection(
                         inner=inner)
 
   def update_fn(updates, state, params=None, **extra_args):
-    m_now = schedule.group_size(state.mask)
-    pruned = schedule.select(params, m_now)
+    sched = schedule.with_structure(state.mask)
+    m_now = sched.m
+    pruned = sched.select(params, m_now)
     idx = [p.index for p in pruned]
     inner_updates, inner = foovb_tx.update(updates, state.inner, params,
                                            **extra_args)
     p_list = trees.gather(params, idx)
     u_list = trees.gather(inner_updates, idx)
     new_list = [(p + u).astype(p.dtype) for p, u in zip(p_list, u_list)]
-    active, masks, mask_state = schedule.update(
+    active, masks, mask_state = sched.update(
         state.mask, params, new_list, pruned,
         scores=lambda: _pruned_scores(inner, idx, m_now))
     projected = [jnp.where(mk, w, jnp.zeros((), w.dtype))

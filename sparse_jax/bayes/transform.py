@@ -202,16 +202,19 @@ def _draw(post: FooVBPosterior, layout: lo.Layout, noise_key: jax.Array,
       out[i] = jnp.broadcast_to(m, lead + m.shape).astype(dtypes[i])
     elif kind == lo.DIAG:
       s = std_leaves[i]
-      eps = _normal(noise_key, i, num_samples, m.shape, s.dtype)
+      eps = _normal(noise_key, layout.noise_index(i), num_samples, m.shape,
+                    s.dtype)
       out[i] = (m.astype(s.dtype) + s * eps).astype(dtypes[i])
   for g in layout.groups:
     fac = post.kron[g.name]
     mat = _group_matrix(mean_leaves, g, fac.a.dtype)
-    phi = _normal(noise_key, g.kernel, num_samples, (g.rows, g.cols), fac.a.dtype)
+    phi = _normal(noise_key, layout.noise_index(g.kernel), num_samples,
+                  (g.rows, g.cols), fac.a.dtype)
     _scatter_group(out, kr.kron_sample(mat, fac.a, fac.b, phi), g, dtypes, lead)
   if layout.full:
     mu = _ravel_full(mean_leaves, layout, post.scale.dtype)
-    eps = _normal(noise_key, len(mean_leaves), num_samples, mu.shape,
+    eps = _normal(noise_key, layout.noise_index(len(mean_leaves)), num_samples,
+                  mu.shape,
                   post.scale.dtype)
     _unravel_full(out, mu + eps @ post.scale.T, layout, dtypes, lead)
   return treedef.unflatten(out)
@@ -257,23 +260,30 @@ def _replace_state(opt_state: PyTree, new: FooVBState) -> PyTree:
   return states.replace(opt_state, FooVBState, new)
 
 
-def foovb_sample(opt_state: PyTree, num_samples: int) -> PyTree:
+def foovb_sample(opt_state: PyTree, num_samples: int, *,
+                 like: Any = None) -> PyTree:
   """Draws K parameter samples from the FOO-VB posterior held in ``opt_state``.
 
   The samples are exactly the points at which the next ``update`` expects its
   K gradients: the update regenerates the same noise from the same key. The
   state is not changed (call it again and you get the same samples).
 
-  With Flax NNX, pass the optimizer itself (``nnx.Optimizer(model, tx,
-  wrt=nnx.Param)``): ``foovb_sample(optimizer, K)``; its samples are a plain
-  tree like ``nnx.state(model, nnx.Param)`` (see the README section "Use it
-  with nnx.Optimizer").
+  With Flax NNX, pass the optimizer itself and the model:
+  ``foovb_sample(optimizer, K, like=model)`` (``optimizer = nnx.Optimizer(
+  model, foovb(...), wrt=nnx.Param)``) returns ``nnx.state(model,
+  nnx.Param)`` with a leading K axis on every ``Param``; gradients taken at
+  ``nnx.merge(graphdef, sample, rest)`` then keep the ``Param`` type, as
+  ``optimizer.update(model, grads)`` requires (see the README section "Use
+  it with nnx.Optimizer").
 
   Args:
     opt_state: the state of :func:`foovb`, of a chain containing it, or an
       ``nnx.Optimizer`` holding one.
     num_samples: K, a Python int (the transform's ``num_samples`` for
       training; any K for prediction).
+    like: optional: an ``nnx.Module`` (or a tree with as many leaves) whose
+      structure and NNX Variable types the samples take (``nnx.state(like,
+      optimizer.wrt)`` for a module).
 
   Returns:
     A tree like params whose leaves have a leading axis of size K, in the
@@ -289,7 +299,10 @@ def foovb_sample(opt_state: PyTree, num_samples: int) -> PyTree:
     https://arxiv.org/abs/2010.00373
   """
   k = _positive_int(num_samples, "num_samples")
-  return _sample_state(find_foovb_state(opt_state), k)
+  samples = _sample_state(find_foovb_state(opt_state), k)
+  if like is not None:
+    samples = states.retype_like(samples, like, getattr(opt_state, "wrt", None))
+  return samples
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -604,6 +617,10 @@ def foovb(
   params' dtypes, so the model runs in bf16 and ``apply_updates`` keeps the
   params' dtype.
 
+  ``optax.MultiSteps`` and ``optax.apply_if_finite`` cannot wrap it: they
+  assume gradients shaped like the params (FOO-VB takes K stacked ones); to
+  accumulate, sum the micro-batch gradients of the summed loss yourself.
+
   Composes with ``jax.jit`` (params and state donated), ``vmap``/``scan``,
   ``optax.masked`` / ``multi_transform`` (other leaves untouched),
   ``optax.inject_hyperparams`` (``eta``, ``damping``, ``forgetting`` ...
@@ -651,10 +668,8 @@ def foovb(
       traced_ok=True)
   forgetting = _positive_float(forgetting, "forgetting", allow_zero=True,
                                maximum=1.0)
-  if checks.is_traced(key):
-    init_key = key   # injected and traced: only init uses it
-  else:
-    init_key = keys.key_data(key, who=who)
+  if not checks.is_traced(key):   # checked now; an injected one at init
+    keys.as_key(key, who=who)
   dtype = checks.check_float_dtype(dtype, "dtype", who=who, allow_none=True)
   init_var = init_std ** 2
   centered = checks.check_bool(centered, "centered", who=who, allow_none=True)
@@ -682,9 +697,12 @@ def foovb(
 
   def init_fn(params: PyTree) -> FooVBState:
     if trees.is_params_placeholder(params):   # optax.tree_map_params
-      return FooVBState(count=jnp.zeros((), jnp.int32), key=init_key,
+      return FooVBState(count=jnp.zeros((), jnp.int32),
+                        key=keys.key_data(key, who=who),
                         mean=params, std=params, kron=_NOT_PARAMS,
-                        scale=_NOT_PARAMS, anchor=_NOT_PARAMS,
+                        scale=_NOT_PARAMS,
+                        anchor=(None if _is(fixed_point_iterations, 1)
+                                else _NOT_PARAMS),
                         layout=_NOT_PARAMS)
     layout = lo.build_layout(params, covariance, mask=mask,
                              kron_filter=kron_filter)
@@ -726,13 +744,19 @@ def foovb(
     if fixed_point_iterations > 1:   # its own buffers (donation)
       anchor = jax.tree.map(lambda x: jnp.array(x, copy=True), post)
     return FooVBState(count=jnp.zeros((), jnp.int32),
-                      key=jnp.array(init_key, copy=True),
+                      key=keys.key_data(key, who=who),
                       mean=post.mean, std=post.std, kron=kron, scale=scale,
                       anchor=anchor, layout=layout)
 
   def check_grads(grads: PyTree, state: FooVBState) -> list[Any]:
     mean_leaves, treedef = jax.tree.flatten(state.mean, is_leaf=trees.is_masked)
     g_with_path, g_def = trees.flatten(grads)
+    if not g_with_path and mean_leaves:
+      raise ValueError(
+          "foovb: got no gradient leaves. With nnx.Optimizer(model, tx, "
+          "wrt=nnx.Param) the gradients must keep the nnx.Param type or the "
+          "wrt filter drops them: draw the samples with foovb_sample("
+          "optimizer, K, like=model) and differentiate at those.")
     if g_def != treedef:
       raise ValueError(
           f"foovb: the gradients must be a tree like params with a leading "
@@ -753,7 +777,9 @@ def foovb(
         if jnp.shape(g) == m.shape:
           hint = (" They lack the leading sample axis: take the gradient at "
                   "each of the K samples of foovb_sample(opt_state, K) (e.g. "
-                  "jax.vmap(jax.grad(loss))(samples)).")
+                  "jax.vmap(jax.grad(loss))(samples)). optax.MultiSteps and "
+                  "optax.apply_if_finite cannot wrap foovb: they assume "
+                  "gradients shaped like the params.")
         elif jnp.ndim(g) == m.ndim + 1:
           hint = (f" The sample axis has size {jnp.shape(g)[0]}, but the "
                   f"transform was built with num_samples={k}.")
@@ -817,7 +843,8 @@ def foovb(
         out[i] = _sample_mean(grads[i]).astype(dtypes[i])
       elif kind == lo.DIAG:
         d = cur_std[i].dtype
-        eps = _normal(noise_key, i, k, cur_std[i].shape, d)
+        eps = _normal(noise_key, layout.noise_index(i), k, cur_std[i].shape,
+                      d)
         m_new, new_std[i] = _diag_step(
             scaled(grads[i], d), eps, cur_mean[i].astype(d),
             prior_mean[i].astype(d), cur_std[i], prior_std[i], init_var, hp)
@@ -827,7 +854,8 @@ def foovb(
     for g in layout.groups:
       fac = cur.kron[g.name]
       d = fac.a.dtype
-      phi = _normal(noise_key, g.kernel, k, (g.rows, g.cols), d)
+      phi = _normal(noise_key, layout.noise_index(g.kernel), k,
+                    (g.rows, g.cols), d)
       m_new, new_kron[g.name] = _kron_step(
           scaled(_group_matrix(grads, g, d, (k,)), d), phi,
           _group_matrix(cur_mean, g, d), _group_matrix(prior_mean, g, d),
@@ -838,7 +866,8 @@ def foovb(
     if layout.full:
       d = cur.scale.dtype
       gmat = scaled(_ravel_full(grads, layout, d, (k,)), d)  # (K, D)
-      eps = _normal(noise_key, len(cur_mean), k, (gmat.shape[1],), d)
+      eps = _normal(noise_key, layout.noise_index(len(cur_mean)), k,
+                    (gmat.shape[1],), d)
       m_new, new_scale = _full_step(
           gmat, eps, _ravel_full(cur_mean, layout, d),
           _ravel_full(prior_mean, layout, d), cur.scale, prior.scale, init_var,

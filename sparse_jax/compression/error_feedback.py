@@ -61,6 +61,7 @@ import optax
 
 from sparse_jax._core import checks
 from sparse_jax._core import keys
+from sparse_jax._core import sharding
 from sparse_jax._core import trees
 from sparse_jax.compression import exchange
 from sparse_jax.compression import wire
@@ -280,12 +281,15 @@ def error_feedback(
                      f"compressors and warmup_steps={warmup_steps}")
   levels = warmup_compressors + (compressor,)
   key = keys.seed_or_key(key, seed, who="error_feedback")
-  base_key = key if checks.is_traced(key) else keys.key_data(
-      key, who="error_feedback")
+  if not checks.is_traced(key):   # checked now; an injected one at init
+    keys.as_key(key, who="error_feedback")
 
   def zeros_where(flags, absent, leaves, want: bool, treedef):
     return jax.tree.unflatten(treedef, [
-        jnp.zeros_like(x) if flag == want and not gone else _MASKED
+        # Memories accumulate many small steps: at least float32 (a bf16
+        # residual would round them away).
+        jnp.zeros_like(x, jnp.promote_types(x.dtype, jnp.float32))
+        if flag == want and not gone else _MASKED
         for x, flag, gone in zip(leaves, flags, absent)])
 
   def zero():   # one buffer per field: a state may be donated
@@ -303,7 +307,7 @@ def error_feedback(
     empty = lambda: jax.tree.unflatten(treedef, [_MASKED] * len(leaves))
     return ErrorFeedbackState(
         count=jnp.zeros((), jnp.int32),
-        key=jnp.array(base_key, jnp.uint32, copy=True),
+        key=keys.key_data(key, who="error_feedback"),
         server=compressed() if variant == "ef21" else empty(),
         dense_momentum=(zeros_where(flags, absent, leaves, False, treedef)
                         if variant == "dgc" else empty()),
@@ -331,10 +335,19 @@ def error_feedback(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    # Selection (top-k, thresholds) and scatters have no sharding rule on an
+    # Explicit-axes mesh: run with those axes Auto, keep the shardings.
+    return sharding.auto_sharded(
+        _update, updates, state,
+        out_specs=(jax.tree.map(sharding.spec_of, updates),
+                   jax.tree.map(sharding.spec_of, state)))
+
+  def _update(updates, state):
     n = 1 if axis_name is None else exchange.bound_axis_size(axis_name, who)
     flat, treedef = trees.flatten(updates)
     grads = [g for _, g in flat]
     flags, absent = leaf_kinds(mask, updates, who)
+    stream = trees.present_index(grads)   # same draws as on a subtree
     count = state.count
     if learning_rate is None:
       lr = 1.0
@@ -385,7 +398,7 @@ def error_feedback(
       kept_back, step_part, new_mom_part, unsent_sq = [], [], [], []
       for i in idx:
         p = to_send[i]
-        c = comp.compress(p, jax.random.fold_in(key, i))
+        c = comp.compress(p, jax.random.fold_in(key, stream[i]))
         if variant in ("ef", "dgc"):
           # The residual p - c_i, updated in place; its norm is read from it
           # after the scatter (a sum over p before the scatter would make
@@ -449,6 +462,12 @@ def error_feedback(
         x = jnp.asarray(momentum, x.dtype) * dense_mom[i] + x
         new_dense_mom[i] = x
       out[i] = sign * x
+
+    # The state keeps its dtypes (a scan carry), whatever the gradients'.
+    keep = lambda new, old: [n if trees.is_masked(o) or n is o
+                             else n.astype(o.dtype) for n, o in zip(new, old)]
+    new_memory, new_server = keep(new_memory, memory), keep(new_server, server)
+    new_mom, new_dense_mom = keep(new_mom, mom), keep(new_dense_mom, dense_mom)
 
     # ||lr g||, as |lr| ||g||: reads the gradient itself (no dense lr * g is
     # kept around just for this norm).

@@ -47,6 +47,7 @@ from sparse_jax.compression.error_feedback import ErrorFeedbackState
 from sparse_jax.compression.error_feedback import WorkerLocal
 from sparse_jax._core import checks
 from sparse_jax._core import keys
+from sparse_jax._core import sharding
 from sparse_jax._core import trees
 from sparse_jax.compression.error_feedback import leaf_kinds
 
@@ -126,6 +127,7 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
     flat, treedef = trees.flatten(params)
     flags = compressed_flags(params)
     init_key = keys.as_key(key, who="powersgd")
+    stream = trees.present_index([x for _, x in flat])
     memory, qs = [], []
     for i, ((path, x), f) in enumerate(zip(flat, flags)):
       if f and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -136,8 +138,9 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
         qs.append(_MASKED)
         continue
       _, n = _matrix_shape(jnp.shape(x))
-      memory.append(jnp.zeros_like(x))
-      qs.append(jax.random.normal(jax.random.fold_in(init_key, i), (n, rank),
+      memory.append(jnp.zeros_like(x, jnp.promote_types(x.dtype, jnp.float32)))
+      qs.append(jax.random.normal(jax.random.fold_in(init_key, stream[i]),
+                                  (n, rank),
                                   jnp.result_type(x)))
     empty = lambda: jax.tree.unflatten(treedef, [_MASKED] * len(flat))
     zero = lambda: jnp.zeros((), jnp.float32)   # own buffers (donation)
@@ -152,6 +155,14 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    # Selection (top-k, thresholds) and scatters have no sharding rule on an
+    # Explicit-axes mesh: run with those axes Auto, keep the shardings.
+    return sharding.auto_sharded(
+        _update, updates, state,
+        out_specs=(jax.tree.map(sharding.spec_of, updates),
+                   jax.tree.map(sharding.spec_of, state)))
+
+  def _update(updates, state):
     n_workers = (1 if axis_name is None
                  else exchange.bound_axis_size(axis_name, who))
     mean = ((lambda x: x) if axis_name is None
@@ -193,8 +204,8 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
       approx = p @ q_new.T
       residual = mat - approx
       out.append((sign * approx).reshape(g.shape))
-      new_memory.append(residual.reshape(g.shape))
-      new_qs.append(q_new)
+      new_memory.append(residual.reshape(g.shape).astype(e.dtype))
+      new_qs.append(q_new.astype(q.dtype))
       unsent_sq += jnp.sum(jnp.square(residual.astype(jnp.float32)))
       in_sq += jnp.sum(jnp.square(incoming.astype(jnp.float32)))
       sent += wire.ring_all_reduce_bytes((m + n) * rank * g.dtype.itemsize,

@@ -112,12 +112,13 @@ def nm_projection(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    pruned = schedule.select(params, schedule.group_size(state))
+    sched = schedule.with_structure(state)
+    pruned = sched.select(params, sched.m)
     idx = [p.index for p in pruned]
     p_list = trees.gather(params, idx)
     u_list = trees.gather(updates, idx)
     new_list = [p + u for p, u in zip(p_list, u_list)]
-    active, masks, new_state = schedule.update(state, params, new_list, pruned)
+    active, masks, new_state = sched.update(state, params, new_list, pruned)
     out = nm_schedule.project(p_list, u_list, new_list, masks, active)
     return trees.replace(updates, idx, out), new_state
 

@@ -143,10 +143,11 @@ def sr_ste(n: int | Callable[[jax.Array], jax.Array], m: int, *,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    pruned = schedule.select(params, schedule.group_size(state))
+    sched = schedule.with_structure(state)
+    pruned = sched.select(params, sched.m)
     idx = [p.index for p in pruned]
     arrays = trees.gather(params, idx)
-    active, masks, new_state = schedule.update(state, params, arrays, pruned)
+    active, masks, new_state = sched.update(state, params, arrays, pruned)
     out = []
     for u, w, mk in zip(trees.gather(updates, idx), arrays, masks):
       pruned_w = jnp.where(mk, jnp.zeros((), w.dtype), w)
