@@ -239,3 +239,16 @@ def test_readme_keeps_quickstart_commands():
       "pip install -e . && python experiments/sweep.py --config=configs/nm_teacher.py "
       "--seeds=0 --workdir=workdirs/nm_teacher",
       'pip install -e ".[test]" && python -m pytest -q -n 2']
+
+
+def test_readme_composition_examples_run(capsys):
+  """The README's 'Use it with nnx.Optimizer ...' blocks run as they are."""
+  text = _readme()
+  start = text.index("### Use it with nnx.Optimizer")
+  section = text[start:text.index("\n### ", start + 1)]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 3
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+  out = capsys.readouterr().out.split()
+  assert out[:1] == ["True"] and "32" in out and out[-1] == "True"
