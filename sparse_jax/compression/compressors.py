@@ -3,7 +3,8 @@
 A :class:`Compressor` is a small NamedTuple of pure functions that act on ONE
 array (one pytree leaf):
 
-* ``compress(x, key) -> Compressed(values, indices)``. The two arrays have
+* ``compress(x, key) -> Compressed(values, indices)`` (``key``: an int
+  seed, a typed key or raw key data, as everywhere in the library). The two arrays have
   STATIC shapes that depend only on ``x.shape`` (never on the data), so the
   compressed form works under ``jit``, ``vmap`` and can be exchanged with
   ``jax.lax.all_gather`` inside ``jax.shard_map``.
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_jax._core import keys
 from sparse_jax.compression import lognormal_model as lognormal_math
 from sparse_jax.compression import selection
 
@@ -265,7 +267,8 @@ def rand_k(fraction: float, *, rescale: bool = False) -> Compressor:
     if k == size:
       index = jnp.arange(size, dtype=_INDEX_DTYPE)
     else:
-      noise = jax.random.uniform(key, (size,), jnp.float32)
+      noise = jax.random.uniform(keys.as_key(key, who=name), (size,),
+                                 jnp.float32)
       index = selection.top_k_indices(noise, k)
     source = flat * jnp.asarray(size / k, flat.dtype) if rescale else flat
     return _pack(flat, source, index)
@@ -388,7 +391,7 @@ def lognormal(sparsity: float, *, stochastic: bool = False,
     source = flat
     if stochastic:
       mag = jnp.abs(flat).astype(jnp.float32)
-      u = jax.random.uniform(key, (size,), jnp.float32)
+      u = jax.random.uniform(keys.as_key(key, who=name), (size,), jnp.float32)
       keep = (mag >= tau) | jnp.isnan(mag)
       promote = ~keep & (u * tau < mag)
       source = jnp.where(keep, flat,
