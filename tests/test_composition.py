@@ -550,3 +550,31 @@ def test_prefix_masks_mean_the_same_everywhere():
   assert wire[0] == wire[1]
   with pytest.raises(ValueError, match=r"mask.*\['last'\]"):
     sj.error_feedback(top_k(0.25), mask={"first": True}).init(params)
+
+
+def test_one_key_argument_everywhere():
+  params = _params()
+  for make in (lambda k: sj.error_feedback(rand_k(0.25), key=k),
+               lambda k: sj.compression.powersgd(2, key=k),
+               lambda k: sj.foovb(key=k, num_samples=K)):
+    by_seed = make(7).init(params).key
+    _equal(make(jax.random.key(7)).init(params).key, by_seed)
+    _equal(make(jax.random.PRNGKey(7)).init(params).key, by_seed)
+  with pytest.warns(DeprecationWarning, match="seed= is deprecated"):
+    old = sj.error_feedback(rand_k(0.25), seed=7)
+  _equal(old.init(params).key, sj.error_feedback(rand_k(0.25), key=7)
+         .init(params).key)
+  c = rand_k(0.5).compress(jnp.arange(8.0), 3)   # an int seed is a key too
+  _equal(c, rand_k(0.5).compress(jnp.arange(8.0), jax.random.key(3)))
+
+
+def test_nnx_grads_dropped_by_wrt_say_why():
+  model = _Net(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, sj.foovb(num_samples=K), wrt=nnx.Param)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  x = jnp.ones((2, 8))
+  plain = sj.foovb_sample(opt, K)            # no like=: plain arrays
+  grads = jax.vmap(jax.grad(
+      lambda p: nnx.merge(graphdef, p, rest)(x).sum()))(plain)
+  with pytest.raises(ValueError, match="like=model"):
+    opt.update(model, grads)
