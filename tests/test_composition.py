@@ -578,3 +578,14 @@ def test_nnx_grads_dropped_by_wrt_say_why():
       lambda p: nnx.merge(graphdef, p, rest)(x).sum()))(plain)
   with pytest.raises(ValueError, match="like=model"):
     opt.update(model, grads)
+
+
+def test_error_feedback_with_every_leaf_masked_out():
+  """optax.masked may hand the transform no leaf at all: nothing is sent."""
+  params = _params()
+  tx = optax.masked(sj.error_feedback(top_k(0.25)), jax.tree.map(
+      lambda _: False, params))
+  g = _grads(CASES[7], params, 0)
+  u, state = _jit(tx.update)(g, _init(tx, params), params)
+  _equal(u, g)
+  assert float(state.inner_state.wire.sent) == 0.0

@@ -9,6 +9,7 @@ gives the same stream as ``jax.random.key(s)`` and ``jax.random.PRNGKey(s)``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -47,7 +48,6 @@ def seed_or_key(key: Any, seed: Any, *, who: str, default: int = 0) -> Any:
   """Resolves the deprecated ``seed=`` argument into ``key`` (with a warning)."""
   if seed is None:
     return default if key is None else key
-  import warnings
   if key is not None:
     raise ValueError(f"{who}: give key (seed is its deprecated name), not "
                      "both.")

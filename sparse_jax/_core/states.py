@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from flax import nnx
 
 PyTree = Any
 
@@ -14,16 +15,13 @@ def unwrap(opt_state: Any) -> Any:
 
   ``nnx.Optimizer`` keeps its optax state as ``opt.opt_state``, a tree whose
   arrays are wrapped in ``nnx.OptState`` variables; this returns the plain
-  tree (``nnx.as_pure``; nothing else is unwrapped), so helpers such as ``foovb_sample`` accept the
-  optimizer, its ``opt_state``, or the plain state alike.
+  tree (``nnx.as_pure``; nothing else is unwrapped), so helpers such as
+  ``foovb_sample`` accept the optimizer, its ``opt_state``, or the plain
+  state alike.
   """
   inner = getattr(opt_state, "opt_state", None)
   if inner is not None and type(opt_state).__name__.endswith("Optimizer"):
     opt_state = inner
-  try:
-    from flax import nnx
-  except ImportError:  # pragma: no cover - flax is a dependency
-    return opt_state
   is_opt = lambda x: isinstance(x, nnx.OptState)
   if any(is_opt(x) for x in jax.tree.leaves(opt_state, is_leaf=is_opt)):
     return nnx.as_pure(opt_state)
@@ -67,7 +65,6 @@ def retype_like(tree: PyTree, like: Any, wrt: Any = None) -> PyTree:
   hand FOO-VB samples back as ``nnx.Param`` variables, so that gradients
   taken at them pass the ``wrt`` filter of ``nnx.Optimizer.update``.
   """
-  from flax import nnx
   if isinstance(like, nnx.Module):
     like = nnx.state(like, nnx.Param if wrt is None else wrt)
   leaves = jax.tree.leaves(tree)

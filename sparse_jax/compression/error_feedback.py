@@ -319,17 +319,17 @@ def error_feedback(
 
   def wire_table(leaves, flags, n):
     """Static bytes per device, one row per compressor level."""
-    leaves, flags = zip(*[(x, f) for x, f in zip(leaves, flags)
-                          if not trees.is_masked(x)]) if leaves else ((), ())
+    present = [(x, f) for x, f in zip(leaves, flags)
+               if not trees.is_masked(x)]   # MaskedNode leaves send nothing
     dense = sum(wire.ring_all_reduce_bytes(x.size * x.dtype.itemsize, n)
-                for x in leaves)
+                for x, _ in present)
     dense_sent = sum(wire.ring_all_reduce_bytes(x.size * x.dtype.itemsize, n)
-                     for x, f in zip(leaves, flags) if not f)
+                     for x, f in present if not f)
     rows = []
     for comp in levels:
       sent = dense_sent + sum(
           wire.all_gather_bytes(comp.wire_bytes(x.shape, x.dtype), n)
-          for x, f in zip(leaves, flags) if f)
+          for x, f in present if f)
       rows.append((sent, sent, dense))
     return jnp.asarray(rows, jnp.float32)
 
