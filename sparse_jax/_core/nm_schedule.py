@@ -251,11 +251,22 @@ def resolve(params: PyTree, m: int, *, mask: MaskSpec, axis: AxisSpec,
 # ------------------------------------------------------------ diagnostics --
 
 
-def kept_mass(w: jax.Array, mask: jax.Array) -> jax.Array:
-  """Fraction of ``sum |w|`` on the kept entries (1 for an all-zero ``w``)."""
+def _finite_abs(w: jax.Array) -> jax.Array:
   a = jnp.abs(w.astype(jnp.float32))
-  total = a.sum()
-  return jnp.where(total > 0, jnp.where(mask, a, 0.0).sum() / total, 1.0)
+  return jnp.where(jnp.isfinite(a), a, 0.0)  # NaN / inf weigh nothing
+
+
+def _ratio(kept, total):
+  return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 1.0)
+
+
+def kept_mass(w: jax.Array, mask: jax.Array) -> jax.Array:
+  """Fraction of ``sum |w|`` on the kept entries (1 for an all-zero ``w``).
+
+  Non-finite entries count as zero magnitude (the masks rank them last).
+  """
+  a = _finite_abs(w)
+  return _ratio(jnp.where(mask, a, 0.0).sum(), a.sum())
 
 
 def flip_rate(old: jax.Array, new: jax.Array) -> jax.Array:
