@@ -5,24 +5,26 @@
 ``--config`` takes ``path/to/config.py[:variant,...]``; any field can be overridden
 with ``--config.section.key=value``; the config is locked, so a mistyped key fails
 before anything runs. Rerunning the same command on the same ``--workdir`` resumes
-from its last checkpoint.
+from its last checkpoint (or, for a finished run, prints its results again).
+Output: progress lines and the results table; ``--verbosity=0`` adds the INFO
+log, ``--verbosity=1`` also the traceback of a failure (otherwise one line).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy/scipy: see conftest
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_jax.training import run_experiment  # noqa: E402
 from sparse_jax.training.checkpoint import quiet_orbax_logging  # noqa: E402
+from sparse_jax.training.cli import run_main  # noqa: E402
 from sparse_jax.training.devices import ensure_cpu_devices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,8 +44,7 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "requeue me"
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+    raise ValueError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
   quiet_orbax_logging()
   if _NUM_PROCESSES.value > 1:
     from sparse_jax.compression import initialize_distributed
@@ -60,19 +61,5 @@ def main(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
-def _is_config_override_error(exc: BaseException) -> bool:
-  """A mistyped ``--config.x.y=`` key fails inside ml_collections' flag parser."""
-  frames = traceback.extract_tb(exc.__traceback__)
-  return any("config_flags" in f.filename for f in frames)
-
-
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    if not _is_config_override_error(e):
-      raise
-    message = str(e.args[0] if e.args else e).replace("\\n", " ")
-    message = " ".join(message.replace("\\", "").replace("'", "").split())
-    message = message.replace(" Did you", ". Did you")
-    sys.exit(f"error in a --config override: {message}")
+  run_main(main)

@@ -17,12 +17,13 @@ import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy/scipy: see conftest
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_jax.training import run_experiment  # noqa: E402
 from sparse_jax.training.checkpoint import quiet_orbax_logging  # noqa: E402
+from sparse_jax.training.cli import run_main  # noqa: E402
 from sparse_jax.training.config import load_config_module  # noqa: E402
 from sparse_jax.training.devices import ensure_cpu_devices  # noqa: E402
 from sparse_jax.training.sweep import run_sweep  # noqa: E402
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

@@ -221,12 +221,20 @@ def test_leaf_selection_errors_name_the_path():
   bad = {"a": {"kernel": jnp.ones((6, 4))}}
   with pytest.raises(ValueError, match=r"\['a'\]\['kernel'\].*\(6, 4\).*m=4"):
     nm_projection(2, 4, mask={"a": {"kernel": True}}).init(bad)
-  # ...which the default filter silently skips
-  state = nm_projection(2, 4).init(bad)
-  assert jax.tree.leaves(state.masks) == []
+  # ...which the default filter skips: with nothing left to prune it says so
+  with pytest.raises(ValueError, match=r"no leaf is selected.*\['a'\]\['kernel'\] "
+                     r"\(6, 4\).*mask="):
+    nm_projection(2, 4).init(bad)
+  # Haiku-style names: nothing named 'kernel'; the hint names kernel_names
+  haiku = {"linear": {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}}
+  with pytest.raises(ValueError, match=r"\['linear'\]\['w'\].*kernel_names"):
+    nm_projection(2, 4).init(haiku)
+  state = nm_projection(2, 4, mask=default_filter(4, kernel_names=("w",))).init(haiku)
+  assert len(jax.tree.leaves(state.masks)) == 1
+  good = {"a": {"kernel": jnp.ones((8, 4))}}
   with pytest.raises(ValueError, match="needs the params"):
     tx = nm_projection(2, 4)
-    tx.update(bad, tx.init(bad))
+    tx.update(good, tx.init(good))
   with pytest.raises(ValueError, match="update_every must be an int >= 1"):
     nm_projection(2, 4, update_every=0)
   with pytest.raises(ValueError, match="method must be one of"):

@@ -25,7 +25,8 @@ def test_run_sweep_skips_completed_runs(tmp_path):
 
   def fake_run(config, workdir):
     calls.append((config.variant, config.seed))
-    results = {"test_accuracy": 0.1 * config.seed + (0.5 if config.variant == "x" else 0)}
+    results = {"status": "completed",
+               "test_accuracy": 0.1 * config.seed + (0.5 if config.variant == "x" else 0)}
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f)

@@ -245,6 +245,19 @@ def resolve(params: PyTree, m: int, *, mask: MaskSpec, axis: AxisSpec,
           f"{shape[ax]} along axis {ax} is not divisible by m={m}. Leave it "
           "out with the mask/filter argument or choose another axis.")
     out.append(PrunedLeaf(i, where, ax))
+  present = [(trees.path_str(path), tuple(getattr(leaf, "shape", ())))
+             for path, leaf in flat if not trees.is_masked(leaf)]
+  if not out and present:
+    seen = ", ".join(f"{p} {s}" for p, s in present[:6])
+    more = f" and {len(present) - 6} more" if len(present) > 6 else ""
+    hint = ("pass mask=... (a pytree of bools, a prefix or a callable) to "
+            "choose the leaves" if mask is not None else
+            "the default filter prunes leaves named 'kernel' with ndim >= 2 "
+            f"whose N:M axis is divisible by m={m}: for other names (e.g. "
+            "Haiku's 'w') pass mask=... or default_filter(m, kernel_names="
+            "('w',)), and check axis=")
+    raise ValueError(f"{who}: no leaf is selected for N:M pruning, so it "
+                     f"would do nothing (leaves seen: {seen}{more}); {hint}.")
   return out
 
 
@@ -451,6 +464,8 @@ class MaskSchedule:
     ``scores`` (default: ``values``) is called only when the masks are
     recomputed, inside the branch that recomputes them.
     """
+    trees.check_same_structure(state.masks, params, who=self.who,
+                               what="the params")
     m = self.group_size(state)
     count = state.count
     idx = [p.index for p in pruned]

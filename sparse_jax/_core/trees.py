@@ -92,6 +92,31 @@ def leaf_names(path: tuple) -> tuple[str, ...]:
   return tuple(out)
 
 
+def check_same_structure(expected: PyTree, got: PyTree, *, who: str,
+                         what: str) -> None:
+  """Raises a ValueError naming the first leaf path where two trees differ.
+
+  ``expected`` is e.g. the state's per-leaf tree (built from the init
+  params), ``got`` the params or updates passed to ``update``; ``MaskedNode``
+  leaves count as leaves. Trace-time only (compares paths, not values).
+  """
+  if structure(expected) == structure(got):
+    return
+  a = [path_str(p) for p, _ in flatten(expected)[0]]
+  b = [path_str(p) for p, _ in flatten(got)[0]]
+  seen_a, seen_b = set(a), set(b)
+  missing = next((p for p in a if p not in seen_b), None)
+  extra = next((p for p in b if p not in seen_a), None)
+  if missing is not None:
+    detail = f"{missing} is missing"
+  elif extra is not None:
+    detail = f"{extra} is not in the init params"
+  else:
+    detail = "the same leaves in another container structure"
+  raise ValueError(f"{who}: {what} do not match the params the state was "
+                   f"initialised with: {detail}.")
+
+
 def _children(node: Any) -> dict | None:
   """``{key: child}`` one level down, or None when ``node`` is a leaf."""
   if node is None or is_masked(node):

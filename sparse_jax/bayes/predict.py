@@ -105,6 +105,18 @@ def committee_vote(logits: ArrayLike) -> jax.Array:
   return jnp.argmax(counts, axis=-1).astype(jnp.int32)
 
 
+def _labels(labels: ArrayLike, scores: jax.Array, who: str) -> jax.Array:
+  """``labels`` checked against ``scores (..., B, C)``: integer ``(B,)``."""
+  labels = jnp.asarray(labels)
+  batch = scores.shape[-2:-1]
+  if labels.shape != batch or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(
+        f"{who}: labels must be integer class indices of shape {batch} for "
+        f"scores of shape {scores.shape}, got {labels.dtype} {labels.shape}"
+        + (" (squeeze the trailing axis)" if labels.shape == batch + (1,) else ""))
+  return labels
+
+
 def accuracy(scores: ArrayLike, labels: ArrayLike) -> jax.Array:
   """Fraction of ``argmax(scores) == labels`` (scores: logits or probabilities).
 
@@ -115,11 +127,17 @@ def accuracy(scores: ArrayLike, labels: ArrayLike) -> jax.Array:
   Returns:
     Scalar accuracy in [0, 1].
 
+  Raises:
+    ValueError: labels not integer of shape ``(B,)`` (e.g. ``(B, 1)``, which
+      would otherwise broadcast to a wrong number).
+
   Example:
     >>> accuracy(jnp.array([[0.2, 0.8], [0.9, 0.1]]), jnp.array([1, 1]))
     Array(0.5, dtype=float32)
   """
-  return jnp.mean(jnp.argmax(scores, axis=-1) == jnp.asarray(labels))
+  scores = jnp.asarray(scores)
+  labels = _labels(labels, scores, "accuracy")
+  return jnp.mean(jnp.argmax(scores, axis=-1) == labels)
 
 
 def mc_accuracy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
@@ -136,7 +154,9 @@ def mc_accuracy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
     >>> mc_accuracy(jnp.array([[[0.0, 1.0]], [[1.0, 0.0]]]), jnp.array([1]))
     Array(0.5, dtype=float32)
   """
-  return jnp.mean(jnp.argmax(logits, axis=-1) == jnp.asarray(labels)[None])
+  logits = jnp.asarray(logits)
+  labels = _labels(labels, logits, "mc_accuracy")
+  return jnp.mean(jnp.argmax(logits, axis=-1) == labels[None])
 
 
 def negative_log_likelihood(log_probs: ArrayLike, labels: ArrayLike) -> jax.Array:
@@ -155,7 +175,8 @@ def negative_log_likelihood(log_probs: ArrayLike, labels: ArrayLike) -> jax.Arra
     Array(0.6931472, dtype=float32)
   """
   log_probs = jnp.asarray(log_probs)
-  picked = jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], axis=-1)
+  labels = _labels(labels, log_probs, "negative_log_likelihood")
+  picked = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)
   return -jnp.mean(picked)
 
 
@@ -222,8 +243,9 @@ def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, *,
   if not isinstance(num_bins, int) or num_bins < 1:
     raise ValueError(f"num_bins must be a Python int >= 1, got {num_bins!r}.")
   probs = jnp.asarray(probs)
+  labels = _labels(labels, probs, "expected_calibration_error")
   conf = probs.max(axis=-1)
-  correct = (jnp.argmax(probs, axis=-1) == jnp.asarray(labels)).astype(probs.dtype)
+  correct = (jnp.argmax(probs, axis=-1) == labels).astype(probs.dtype)
   bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0,
                   num_bins - 1)
   count = jnp.zeros(num_bins, probs.dtype).at[bins].add(1.0)

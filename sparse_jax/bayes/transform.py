@@ -45,6 +45,7 @@ from jax.typing import ArrayLike
 
 from sparse_jax._core import checks
 from sparse_jax._core import keys
+from sparse_jax._core import numerics
 from sparse_jax._core import sharding
 from sparse_jax._core import states
 from sparse_jax._core import trees
@@ -55,6 +56,7 @@ from sparse_jax.bayes import layout as lo
 PyTree = Any
 
 MAX_FULL_SIZE = 16384  # a (D, D) factor beyond this is not "a small model"
+MAX_KRON_SIZE = 8192   # a Kronecker factor side (256 MiB in float32, an SVD per step)
 
 # What the non-params fields of a symbolic init hold (optax.tree_map_params
 # initialises with a params placeholder; these fields are not params-like).
@@ -91,6 +93,8 @@ class FooVBState(NamedTuple):
       the current batch (the prior of the fixed-point iterations), else None.
     layout: static description of which leaf has which posterior
       (:class:`sparse_jax.bayes.layout.Layout`); it has no array leaves.
+    skipped: int32 number of steps skipped because a gradient held a NaN or
+      inf (the posterior, count and key were left as they were).
   """
   count: jax.Array
   key: jax.Array
@@ -100,6 +104,7 @@ class FooVBState(NamedTuple):
   scale: jax.Array | None
   anchor: FooVBPosterior | None
   layout: lo.Layout
+  skipped: Any = None
 
   @property
   def posterior(self) -> FooVBPosterior:
@@ -617,6 +622,15 @@ def foovb(
   params' dtypes, so the model runs in bf16 and ``apply_updates`` keeps the
   params' dtype.
 
+  Non-finite gradients: a step whose gradients hold a NaN or inf anywhere is
+  SKIPPED: the updates are zero and the posterior (mean, std, factors),
+  ``count`` and ``key`` stay as they were; ``state.skipped`` counts such steps.
+  So sigma and the mean stay finite.
+
+  Size limits: a Kronecker factor side is at most ``MAX_KRON_SIZE`` (8192) and
+  a full covariance at most ``MAX_FULL_SIZE`` (16384) entries; larger ones
+  raise at init naming the leaf.
+
   ``optax.MultiSteps`` and ``optax.apply_if_finite`` cannot wrap it: they
   assume gradients shaped like the params (FOO-VB takes K stacked ones); to
   accumulate, sum the micro-batch gradients of the summed loss yourself.
@@ -703,7 +717,7 @@ def foovb(
                         scale=_NOT_PARAMS,
                         anchor=(None if _is(fixed_point_iterations, 1)
                                 else _NOT_PARAMS),
-                        layout=_NOT_PARAMS)
+                        layout=_NOT_PARAMS, skipped=jnp.zeros((), jnp.int32))
     layout = lo.build_layout(params, covariance, mask=mask,
                              kron_filter=kron_filter)
     leaves, treedef = jax.tree.flatten(params, is_leaf=trees.is_masked)
@@ -723,6 +737,13 @@ def foovb(
         std.append(None)
     kron = {}
     for g in layout.groups:
+      if max(g.rows, g.cols) > MAX_KRON_SIZE:
+        raise ValueError(
+            f"foovb(covariance='kron'): {g.name} needs Kronecker factors of "
+            f"{g.rows} x {g.rows} and {g.cols} x {g.cols} (limit "
+            f"MAX_KRON_SIZE={MAX_KRON_SIZE} per side: each costs an SVD per "
+            "step). Leave it out with kron_filter (it then gets a diagonal "
+            "posterior) or use covariance='diagonal'.")
       d = cov_dtype(jnp.asarray(leaves[g.kernel]).dtype)
       c = group_scale(g)
       kron[g.name] = KronFactors(a=c * jnp.eye(g.rows, dtype=d),
@@ -746,7 +767,8 @@ def foovb(
     return FooVBState(count=jnp.zeros((), jnp.int32),
                       key=keys.key_data(key, who=who),
                       mean=post.mean, std=post.std, kron=kron, scale=scale,
-                      anchor=anchor, layout=layout)
+                      anchor=anchor, layout=layout,
+                      skipped=jnp.zeros((), jnp.int32))
 
   def check_grads(grads: PyTree, state: FooVBState) -> list[Any]:
     mean_leaves, treedef = jax.tree.flatten(state.mean, is_leaf=trees.is_masked)
@@ -757,11 +779,10 @@ def foovb(
           "wrt=nnx.Param) the gradients must keep the nnx.Param type or the "
           "wrt filter drops them: draw the samples with foovb_sample("
           "optimizer, K, like=model) and differentiate at those.")
-    if g_def != treedef:
-      raise ValueError(
-          f"foovb: the gradients must be a tree like params with a leading "
-          f"sample axis; their structure {g_def} differs from the params' "
-          f"{treedef}.")
+    if g_def != treedef:   # names the first differing leaf
+      trees.check_same_structure(
+          state.mean, grads, who="foovb",
+          what="the gradients (a tree like params with a leading sample axis)")
     k = num_samples
     if checks.is_traced(k):   # injected: the gradients say how many samples
       k = next((jnp.shape(g)[0] for (_, g), m in zip(g_with_path, mean_leaves)
@@ -879,8 +900,8 @@ def foovb(
     else:
       base, p_def = jax.tree.flatten(params, is_leaf=trees.is_masked)
       if p_def != treedef:
-        raise ValueError(f"foovb: params structure {p_def} differs from the "
-                         f"one the state was initialised with, {treedef}.")
+        trees.check_same_structure(state.mean, params, who="foovb",
+                                   what="the params")
     for i, kind in enumerate(layout.kinds):
       if kind not in (lo.FIXED, lo.ABSENT):
         step = new_mean[i] - jnp.asarray(base[i]).astype(mdtypes[i])
@@ -895,9 +916,20 @@ def foovb(
       done = (count % fixed_point_iterations) == 0
       anchor = jax.tree.map(lambda n, o: jnp.where(done, n, o), post,
                             state.anchor)
+    # Non-finite gradients: the step is skipped (zero updates; posterior,
+    # anchor, count and key as they were) and counted.
+    finite = numerics.all_finite(
+        [g for g, kind in zip(grads, layout.kinds) if kind != lo.ABSENT])
+    out = [o if kind == lo.ABSENT else jnp.where(finite, o, jnp.zeros((), o.dtype))
+           for o, kind in zip(out, layout.kinds)]
+    kept = numerics.where_finite(
+        finite, (count, next_key, post, anchor),
+        (state.count, state.key, cur, state.anchor))
+    (count, next_key, post, anchor) = kept
     new_state = FooVBState(count=count, key=next_key, mean=post.mean,
                            std=post.std, kron=post.kron, scale=post.scale,
-                           anchor=anchor, layout=layout)
+                           anchor=anchor, layout=layout,
+                           skipped=state.skipped + (~finite).astype(jnp.int32))
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -45,9 +45,19 @@ the state for this.
 The state also reports, for logging: ``local.error_ratio``, the norm of what
 this worker did NOT send this step over the norm of what came in
 (``||e_i|| / ||lr g_i||`` for EF; it grows without bound when the residual
-blows up, e.g. 99.9% sparsity at a large learning rate), and ``wire``, the
-bytes per device of this step's exchange and of a dense ring all-reduce
+blows up, e.g. 99.9% sparsity at a large learning rate; both norms are taken
+of the vectors divided by ``max |g_i|``, so gradients of 1e30 or 1e-30 give
+the right ratio, not inf/NaN or 0), and ``wire``, the bytes per device of this
+step's exchange and of a dense ring all-reduce
 (:mod:`sparse_jax.compression.wire`).
+
+Non-finite gradients: a worker whose gradient holds a NaN or inf anywhere
+(in a compressed or a dense leaf) SKIPS the step: it sends nothing (zeros),
+its memories and momentum stay exactly as they were, ``local.skipped`` counts
+the step and ``local.error_ratio`` is NaN. The other workers' messages are
+still averaged (over all n workers); for EF21 the step is the server estimate
+``h``, which a step with no messages leaves unchanged. So a NaN never enters a
+residual, and the next finite step continues from the memories as they were.
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ import optax
 
 from sparse_jax._core import checks
 from sparse_jax._core import keys
+from sparse_jax._core import numerics
 from sparse_jax._core import sharding
 from sparse_jax._core import trees
 from sparse_jax.compression import exchange
@@ -80,11 +91,15 @@ class WorkerLocal(NamedTuple):
       ``v_i``; ``"ef21"``: the worker's estimate ``h_i``; ``"none"``: empty.
       Leaves excluded by the mask hold an ``optax.MaskedNode``.
     momentum: ``"dgc"``: the corrected momentum ``u_i``; otherwise empty.
-    error_ratio: float32 scalar, ``||not sent|| / ||incoming||`` this step.
+    error_ratio: float32 scalar, ``||not sent|| / ||incoming||`` this step
+      (computed scale-safely; NaN on a skipped step).
+    skipped: int32 number of steps this worker skipped because its gradient
+      held a NaN or inf (see "Non-finite gradients" in the module docstring).
   """
   memory: Any
   momentum: Any
   error_ratio: jax.Array
+  skipped: Any = None
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -141,15 +156,15 @@ def _check_leaf(path, leaf, compressors: Sequence[Compressor], who: str):
                        f"{shape} with {comp.name}: {e}") from None
 
 
-def _unsent_sq_norm(comp: Compressor, p: jax.Array, c) -> jax.Array:
-  """``||p - decompress(c)||^2`` without the dense difference.
+def _unsent_sq_norm(comp: Compressor, p: jax.Array, c, inv_scale) -> jax.Array:
+  """``||(p - decompress(c)) * inv_scale||^2`` without the dense difference.
 
   ``||p||^2`` minus, at the sent positions, ``p_i^2 - (p_i - v_i)^2`` (a
   gather of the few sent entries instead of one more pass over ``p``).
   Accurate to float32 rounding of ``||p||^2``; clipped at 0.
   """
-  p32 = p.astype(jnp.float32)
-  values = c.values.astype(jnp.float32)
+  p32 = p.astype(jnp.float32) * inv_scale
+  values = c.values.astype(jnp.float32) * inv_scale
   if c.indices.shape[-1] == 0:    # dense form
     return jnp.sum(jnp.square(p32 - values.reshape(p.shape)))
   index = comp.flat_indices(c.indices, p.shape)
@@ -162,10 +177,10 @@ def _unsent_sq_norm(comp: Compressor, p: jax.Array, c) -> jax.Array:
   return jnp.maximum(total - sent, 0.0)
 
 
-def _global_norm(leaves) -> jax.Array:
+def _global_norm(leaves, inv_scale=1.0) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32) * inv_scale))
                       for x in leaves))
 
 
@@ -315,7 +330,7 @@ def error_feedback(
         local=WorkerLocal(
             memory=compressed() if variant != "none" else empty(),
             momentum=compressed() if variant == "dgc" else empty(),
-            error_ratio=zero()))
+            error_ratio=zero(), skipped=jnp.zeros((), jnp.int32)))
 
   def wire_table(leaves, flags, n):
     """Static bytes per device, one row per compressor level."""
@@ -343,6 +358,8 @@ def error_feedback(
                    jax.tree.map(sharding.spec_of, state)))
 
   def _update(updates, state):
+    trees.check_same_structure(state.local.memory, updates, who=who,
+                               what="the updates")
     n = 1 if axis_name is None else exchange.bound_axis_size(axis_name, who)
     flat, treedef = trees.flatten(updates)
     grads = [g for _, g in flat]
@@ -355,11 +372,24 @@ def error_feedback(
       lr = learning_rate(count)
     else:
       lr = learning_rate
+    # One pass for max |g|: non-finite anywhere -> this worker skips the step
+    # (zeros in, nothing sent, local state kept); finite -> the scale that
+    # keeps the norms below from overflowing or underflowing.
+    present = [g for g, gone in zip(grads, absent) if not gone]
+    gmax = numerics.max_abs(present)
+    finite = jnp.isfinite(gmax)
+    grads = [g if gone else jnp.where(finite, g, jnp.zeros((), g.dtype))
+             for g, gone in zip(grads, absent)]
+    gmax = jnp.where(finite, gmax, 0.0)
     if clip_norm is not None:
-      norm = _global_norm([g for g, gone in zip(grads, absent) if not gone])
+      inv = 1.0 / jnp.where(gmax > 0, gmax, 1.0)
+      norm = gmax * _global_norm(
+          [g for g, gone in zip(grads, absent) if not gone], inv)
       scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
       grads = [g if gone else g * scale.astype(g.dtype)
                for g, gone in zip(grads, absent)]
+      gmax = gmax * scale
+    inv_scale = 1.0 / jnp.where(gmax > 0, gmax, 1.0)
     incoming = [g if gone else g * jnp.asarray(lr, g.dtype)
                 for g, gone in zip(grads, absent)]
 
@@ -399,17 +429,20 @@ def error_feedback(
       for i in idx:
         p = to_send[i]
         c = comp.compress(p, jax.random.fold_in(key, stream[i]))
+        c = c._replace(values=jnp.where(finite, c.values,
+                                        jnp.zeros((), c.values.dtype)))
         if variant in ("ef", "dgc"):
           # The residual p - c_i, updated in place; its norm is read from it
           # after the scatter (a sum over p before the scatter would make
           # XLA:CPU copy p first).
           residual = comp.add_to(p, c, -1.0)
           kept_back.append(residual)
-          unsent_sq.append(jnp.sum(jnp.square(residual.astype(jnp.float32))))
+          unsent_sq.append(jnp.sum(jnp.square(
+              residual.astype(jnp.float32) * inv_scale)))
         else:
           kept_back.append(comp.add_to(memory[i], c) if variant == "ef21"
                            else None)
-          unsent_sq.append(_unsent_sq_norm(comp, p, c))
+          unsent_sq.append(_unsent_sq_norm(comp, p, c, inv_scale))
         if variant == "ef21":
           # h_i <- h_i + c_i; h <- h + mean_i c_i (the step is h).
           base = server[i]
@@ -463,6 +496,11 @@ def error_feedback(
         new_dense_mom[i] = x
       out[i] = sign * x
 
+    if variant == "dgc":  # a skipped step leaves the worker's state as it was
+      # (EF and EF21 memories are unchanged already: zero in, zero sent.)
+      hold = lambda new, old: [n if trees.is_masked(o) else
+                               jnp.where(finite, n, o) for n, o in zip(new, old)]
+      new_memory, new_mom = hold(new_memory, memory), hold(new_mom, mom)
     # The state keeps its dtypes (a scan carry), whatever the gradients'.
     keep = lambda new, old: [n if trees.is_masked(o) or n is o
                              else n.astype(o.dtype) for n, o in zip(new, old)]
@@ -471,10 +509,13 @@ def error_feedback(
 
     # ||lr g||, as |lr| ||g||: reads the gradient itself (no dense lr * g is
     # kept around just for this norm).
+    # Both norms of the vectors divided by max |g|, so the ratio is right for
+    # gradients of any scale.
     in_norm = jnp.abs(jnp.asarray(lr, jnp.float32)) * _global_norm(
-        [grads[i] for i in idx])
+        [grads[i] for i in idx], inv_scale)
     ratio = jnp.sqrt(unsent_sq) / jnp.where(in_norm > 0, in_norm, 1.0)
     ratio = jnp.where(in_norm > 0, ratio, 0.0)
+    ratio = jnp.where(finite, ratio, jnp.nan)
     wire_row = wire_table(grads, flags, n)[level]
     unflat = functools.partial(jax.tree.unflatten, treedef)
     new_state = ErrorFeedbackState(
@@ -484,7 +525,9 @@ def error_feedback(
         dense_momentum=unflat(new_dense_mom),
         wire=wire.WireBytes(*wire_row),
         local=WorkerLocal(memory=unflat(new_memory), momentum=unflat(new_mom),
-                          error_ratio=ratio.astype(jnp.float32)))
+                          error_ratio=ratio.astype(jnp.float32),
+                          skipped=state.local.skipped
+                          + (~finite).astype(jnp.int32)))
     return unflat(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

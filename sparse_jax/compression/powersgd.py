@@ -25,6 +25,10 @@ scatter-add and its bytes are ``2 (n_w - 1) / n_w * 4 (m + n) r`` per matrix
 ``Q`` matrices), so :func:`~sparse_jax.compression.make_data_parallel_step`
 lays it out and reports its metrics like error feedback's.
 
+Non-finite gradients: as for error feedback, a worker whose gradient holds a
+NaN or inf skips the step (sends zeros, keeps its memory, ``local.skipped``
+counts it, ``local.error_ratio`` is NaN).
+
 References:
   Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient
   Compression for Distributed Optimization", NeurIPS 2019,
@@ -47,6 +51,7 @@ from sparse_jax.compression.error_feedback import ErrorFeedbackState
 from sparse_jax.compression.error_feedback import WorkerLocal
 from sparse_jax._core import checks
 from sparse_jax._core import keys
+from sparse_jax._core import numerics
 from sparse_jax._core import sharding
 from sparse_jax._core import trees
 from sparse_jax.compression.error_feedback import leaf_kinds
@@ -151,7 +156,8 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
         dense_momentum=empty(),
         wire=wire.WireBytes(zero(), zero(), zero()),
         local=WorkerLocal(memory=jax.tree.unflatten(treedef, memory),
-                          momentum=empty(), error_ratio=zero()))
+                          momentum=empty(), error_ratio=zero(),
+                          skipped=jnp.zeros((), jnp.int32)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -176,6 +182,13 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
     else:
       lr = learning_rate
     sign = -1.0 if learning_rate is not None else 1.0
+    # A NaN/inf anywhere: this worker skips the step (sends zeros, keeps its
+    # memory, counts it); max |g| also scales the norms of the error ratio.
+    gmax = numerics.max_abs([g for g in grads if not trees.is_masked(g)])
+    finite = jnp.isfinite(gmax)
+    grads = [g if trees.is_masked(g) else jnp.where(finite, g, jnp.zeros((), g.dtype))
+             for g in grads]
+    inv = 1.0 / jnp.where(finite & (gmax > 0), gmax, 1.0)
     memory = treedef.flatten_up_to(state.local.memory)
     qs = treedef.flatten_up_to(state.server)
     out, new_memory, new_qs = [], [], []
@@ -198,20 +211,22 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
         sent += wire.ring_all_reduce_bytes(nbytes, n_workers)
         continue
       m, n = _matrix_shape(g.shape)
-      mat = (e + incoming).reshape(m, n)
+      mat = jnp.where(finite, e + incoming, jnp.zeros((), e.dtype)).reshape(m, n)
       p = orthonormalize(mean(mat @ q))
       q_new = mean(mat.T @ p)
       approx = p @ q_new.T
       residual = mat - approx
       out.append((sign * approx).reshape(g.shape))
-      new_memory.append(residual.reshape(g.shape).astype(e.dtype))
+      new_memory.append(jnp.where(finite, residual.reshape(g.shape).astype(e.dtype),
+                                  e))
       new_qs.append(q_new.astype(q.dtype))
-      unsent_sq += jnp.sum(jnp.square(residual.astype(jnp.float32)))
-      in_sq += jnp.sum(jnp.square(incoming.astype(jnp.float32)))
+      unsent_sq += jnp.sum(jnp.square(residual.astype(jnp.float32) * inv))
+      in_sq += jnp.sum(jnp.square(incoming.astype(jnp.float32) * inv))
       sent += wire.ring_all_reduce_bytes((m + n) * rank * g.dtype.itemsize,
                                          n_workers)
     ratio = jnp.where(in_sq > 0, jnp.sqrt(unsent_sq / jnp.where(
         in_sq > 0, in_sq, 1.0)), 0.0)
+    ratio = jnp.where(finite, ratio, jnp.nan)
     unflat = functools.partial(jax.tree.unflatten, treedef)
     new_state = ErrorFeedbackState(
         count=optax.safe_int32_increment(state.count),
@@ -221,7 +236,9 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
         wire=wire.WireBytes(jnp.float32(sent), jnp.float32(sent),
                             jnp.float32(dense)),
         local=WorkerLocal(memory=unflat(new_memory),
-                          momentum=state.local.momentum, error_ratio=ratio))
+                          momentum=state.local.momentum, error_ratio=ratio,
+                          skipped=state.local.skipped
+                          + (~finite).astype(jnp.int32)))
     return unflat(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 
-from sparse_jax.data.dataset import Dataset, make_dataset
+from sparse_jax.data.dataset import Dataset, check_labels, make_dataset
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
@@ -16,8 +16,16 @@ SUBDIR = "cifar-10-batches-py"
 
 def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Reads one pickled CIFAR-10 batch into ``(images (N, 32, 32, 3) uint8, labels)``."""
-  with open(path, "rb") as f:
-    batch = pickle.load(f, encoding="bytes")
+  try:
+    with open(path, "rb") as f:
+      batch = pickle.load(f, encoding="bytes")
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # noqa: BLE001 - unpickling fails in many ways
+    raise ValueError(f"{path}: not a readable CIFAR-10 pickle batch "
+                     f"({type(e).__name__}: {e})") from None
+  if not isinstance(batch, dict):
+    raise ValueError(f"{path}: not a CIFAR-10 batch (a {type(batch).__name__})")
   data = batch.get(b"data", batch.get("data"))
   labels = batch.get(b"labels", batch.get("labels"))
   if data is None or labels is None:
@@ -26,6 +34,9 @@ def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   if data.ndim != 2 or data.shape[1] != 3072:
     raise ValueError(f"{path}: data must be (N, 3072), got {data.shape}")
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  check_labels(labels, 10, path)
+  if len(labels) != len(images):
+    raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
   return images, np.asarray(labels, np.int32)
 
 

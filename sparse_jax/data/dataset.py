@@ -30,9 +30,34 @@ class Dataset(NamedTuple):
     return tuple(self.x_train.shape[1:])
 
 
+def check_labels(labels, num_classes: int, where: str) -> None:
+  """Raises a ValueError naming ``where`` unless labels are ints in [0, num_classes).
+
+  Labels must be a 1-D integer array (one class index per example).
+  """
+  y = np.asarray(labels)
+  if y.ndim != 1:
+    raise ValueError(f"{where}: labels must be 1-D class indices, got shape {y.shape}")
+  if y.size and not np.issubdtype(y.dtype, np.integer):
+    if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+      raise ValueError(f"{where}: labels must be integer class indices, got "
+                       f"{y.dtype} values such as {y[~(y == np.round(y))][:1]}")
+  bad = np.flatnonzero((y < 0) | (y >= num_classes)) if y.size else []
+  if len(bad):
+    raise ValueError(f"{where}: label {y[bad[0]].item()!r} at index {bad[0]} is outside "
+                     f"[0, {num_classes}) ({len(bad)} such labels)")
+
+
 def make_dataset(x_train, y_train, x_test, y_test, num_classes: int,
                  name: str) -> Dataset:
-  """Builds a :class:`Dataset`, casting to float32 / int32 and checking shapes."""
+  """Builds a :class:`Dataset`, casting to float32 / int32 and checking shapes.
+
+  Raises:
+    ValueError: mismatched counts or shapes, or a label outside
+      ``[0, num_classes)`` (naming the split, the value and its index).
+  """
+  check_labels(y_train, num_classes, f"{name} train labels")
+  check_labels(y_test, num_classes, f"{name} test labels")
   arrays = [np.asarray(x_train, np.float32), np.asarray(y_train, np.int32),
             np.asarray(x_test, np.float32), np.asarray(y_test, np.int32)]
   if arrays[0].shape[0] != arrays[1].shape[0]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 
-from sparse_jax.data.dataset import Dataset, make_dataset
+from sparse_jax.data.dataset import Dataset, check_labels, make_dataset
 
 FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -29,11 +30,21 @@ def read_idx(path: str) -> np.ndarray:
     The array with the file's dtype and shape.
   """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except FileNotFoundError:
+    raise
+  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+    raise ValueError(f"{path}: cannot be read as "
+                     f"{'gzipped ' if path.endswith('.gz') else ''}IDX "
+                     f"({type(e).__name__}: {e})") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
     raise ValueError(f"{path} is not an IDX file (bad magic {raw[:4]!r})")
   dtype, ndim = np.dtype(_DTYPES[raw[2]]), raw[3]
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes for "
+                     f"{ndim} dimensions)")
   dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
   offset = 4 + 4 * ndim
   expected = int(np.prod(dims)) * dtype.itemsize
@@ -68,11 +79,16 @@ def load_mnist(data_dir: str = "") -> Dataset:
 
   Raises:
     FileNotFoundError: naming the expected path of a missing file.
+    ValueError: naming the file that is corrupt (not IDX, bad gzip, wrong
+      size) or holds a label outside [0, 10).
   """
   if not data_dir:
     raise FileNotFoundError("config.data.data_dir is empty: MNIST is read from local "
                             "IDX files and never downloaded")
-  arrays = {k: read_idx(_find(data_dir, v)) for k, v in FILES.items()}
+  paths = {k: _find(data_dir, v) for k, v in FILES.items()}
+  arrays = {k: read_idx(path) for k, path in paths.items()}
+  for split in ("y_train", "y_test"):
+    check_labels(arrays[split], 10, paths[split])
   for split in ("train", "test"):
     images = arrays[f"x_{split}"]
     if images.ndim != 3:

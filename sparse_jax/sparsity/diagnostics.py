@@ -34,7 +34,8 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
       With several, the first one found is used.
 
   Returns:
-    ``{path: {"sparsity", "mask_sparsity", "kept_mass", "flip_rate"}}`` of
+    ``{path: {"sparsity", "mask_sparsity", "kept_mass", "flip_rate",
+    "nonfinite"}}`` of
     float32 scalars for each pruned leaf (path as ``jax.tree_util.keystr``
     without a trailing ``.value``)
     and ``"all"``, their size-weighted means. ``sparsity``: fraction of exact
@@ -42,6 +43,10 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
     trains). ``mask_sparsity``: fraction of False in the mask. ``kept_mass``:
     fraction of ``sum |w|`` the mask kept when it was last computed.
     ``flip_rate``: fraction of mask entries changed at the last mask update.
+    ``nonfinite``: fraction of NaN / inf entries in the params (the masks
+    rank NaN as the smallest magnitude and ``kept_mass`` counts non-finite
+    entries as 0; an additive optax update cannot turn a NaN weight back into
+    a number, so it stays NaN even where it is pruned).
 
   Raises:
     ValueError: if ``opt_state`` holds no such state.
@@ -79,7 +84,7 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
                      "the structure of params.")
   out = {}
   sizes, totals = [], {k: [] for k in ("sparsity", "mask_sparsity",
-                                       "kept_mass", "flip_rate")}
+                                       "kept_mass", "flip_rate", "nonfinite")}
   for (path, w), mk, km, fr in zip(flat, masks, kept, flips):
     if trees.is_masked(mk) or trees.is_masked(w):
       continue
@@ -88,6 +93,7 @@ def sparsity_diagnostics(params, opt_state) -> dict[str, dict[str, jax.Array]]:
         "mask_sparsity": 1.0 - jnp.mean(mk.astype(jnp.float32)),
         "kept_mass": jnp.asarray(km, jnp.float32),
         "flip_rate": jnp.asarray(fr, jnp.float32),
+        "nonfinite": jnp.mean((~jnp.isfinite(w)).astype(jnp.float32)),
     }
     out[trees.path_str(path)] = row
     sizes.append(w.size)

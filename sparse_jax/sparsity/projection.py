@@ -74,13 +74,22 @@ def nm_projection(
       mask update (two extra reductions over the pruned weights; with False
       they stay 0).
 
+  Non-finite weights: NaN ranks as the SMALLEST magnitude (as in
+  :func:`~sparse_jax.masks.nm_mask`; it is pruned first), +-inf as the
+  largest; ``kept_mass`` counts them as 0 and ``sparsity_diagnostics`` reports
+  their fraction (``nonfinite``). A NaN weight stays NaN (``NaN + update`` is
+  NaN); the runners' ``max_nonfinite_steps`` stops such a run.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`NMProjectionState`; its update needs ``params``.
 
   Raises:
     ValueError: at construction for bad options; at init/trace time naming the
-      leaf path and shape for a selected leaf that cannot be pruned.
+      leaf path and shape for a selected leaf that cannot be pruned; at init
+      when ``mask``/the default filter selects no leaf (naming the leaves
+      seen); in update when params or updates miss a leaf of the init params
+      (naming it).
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -112,6 +121,9 @@ def nm_projection(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    if params is not None:
+      trees.check_same_structure(params, updates, who="nm_projection",
+                                 what="the updates")
     sched = schedule.with_structure(state)
     pruned = sched.select(params, sched.m)
     idx = [p.index for p in pruned]

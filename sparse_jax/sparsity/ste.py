@@ -143,6 +143,9 @@ def sr_ste(n: int | Callable[[jax.Array], jax.Array], m: int, *,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    if params is not None:
+      trees.check_same_structure(params, updates, who="sr_ste",
+                                 what="the updates")
     sched = schedule.with_structure(state)
     pruned = sched.select(params, sched.m)
     idx = [p.index for p in pruned]

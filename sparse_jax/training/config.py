@@ -15,7 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   Sections: ``data`` (see ``sparse_jax.data.load_dataset``), ``model`` (``name`` + the
   model's keyword arguments), ``optimizer`` (see
-  ``sparse_jax.training.optim.build_optimizer``), ``train`` (loop knobs).
+  ``sparse_jax.training.optim.build_optimizer``), ``train`` (loop knobs;
+  ``max_nonfinite_steps``: stop after that many consecutive non-finite losses,
+  0 never stops). :func:`validate` checks them before a run.
   """
   c = ml_collections.ConfigDict()
   c.name = "mlp_digits"
@@ -28,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       step="standard", loss_reduction="mean", forward=(), num_steps=3000, batch_size=64,
       log_every=100, eval_every=500, checkpoint_every=1000, eval_batch_size=1000,
-      train_eval_examples=10_000, progress_every_secs=10.0))
+      train_eval_examples=10_000, progress_every_secs=10.0,
+      max_nonfinite_steps=20))
   return c
 
 
@@ -104,3 +107,58 @@ def teacher_data(**overrides) -> dict:
   return dict(dict(name="teacher", input_dim=64, num_classes=10, teacher_hidden=(128,),
                    num_train=50_000, num_test=4_000, temperature=0.0, label_noise=0.0,
                    seed=0), **overrides)
+
+
+_POSITIVE = ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+             "eval_batch_size")
+
+
+def _names(specs) -> list[str]:
+  return [dict(s).get("name") for s in (specs or ())]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects configs the runners cannot honour, naming the keys involved.
+
+  Checked before anything is built: the loop knobs are positive ints;
+  ``sr_ste`` in ``optimizer.pre``/``post`` needs ``nm_ste`` in
+  ``train.forward`` (SR-STE's decay assumes the masked forward pass, without it
+  the run trains dense); ``train.forward`` is only honoured by the supervised
+  runner's ``standard`` and ``data_parallel`` steps; a data-parallel batch must
+  split evenly over ``train.num_devices``.
+
+  Raises:
+    ValueError: one line naming both keys of a bad combination.
+  """
+  train = config.train
+  runner = config.get("runner", "supervised")
+  for key in _POSITIVE:
+    value = train.get(key, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.train.{key} must be an int >= 1, got {value!r}")
+  limit = train.get("max_nonfinite_steps", 0)
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    raise ValueError("config.train.max_nonfinite_steps must be an int >= 0 "
+                     f"(0 disables the check), got {limit!r}")
+  forward = _names(train.get("forward", ()))
+  for where in ("pre", "post"):
+    if "sr_ste" in _names(config.optimizer.get(where, ())) and "nm_ste" not in forward:
+      raise ValueError(
+          f"config.optimizer.{where} has sr_ste but config.train.forward has no "
+          "nm_ste: SR-STE's decay is for a masked forward pass and without it "
+          "the run trains dense; add dict(name='nm_ste', n=..., m=...) to "
+          "config.train.forward")
+  step = train.get("step", "standard")
+  if forward and (runner != "supervised" or step == "foovb"):
+    raise ValueError(
+        f"config.train.forward={tuple(forward)} is not applied by "
+        f"config.runner={runner!r} with config.train.step={step!r} (only the "
+        "supervised standard and data_parallel steps apply it); for FOO-VB with "
+        "N:M use foovb_nm_projection in config.optimizer.post")
+  if runner == "supervised" and step == "data_parallel":
+    n = train.get("num_devices", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise ValueError(f"config.train.num_devices must be an int >= 1, got {n!r}")
+    if train.batch_size % n:
+      raise ValueError(f"config.train.batch_size={train.batch_size} is not "
+                       f"divisible by config.train.num_devices={n}")

@@ -35,9 +35,12 @@ from sparse_jax.data import load_dataset
 from sparse_jax.data.streams import make_stream
 from sparse_jax.models import build_model
 from sparse_jax.training.checkpoint import Checkpointer
+from sparse_jax.training.config import validate
+from sparse_jax.training.files import is_primary, write_json
 from sparse_jax.training.cl_metrics import (average_accuracy, backward_transfer,
                                             forgetting, plot_accuracy_matrix)
 from sparse_jax.training.metrics import MetricWriter
+from sparse_jax.training.runs import NonFiniteGuard, begin
 from sparse_jax.training.optim import build_optimizer
 from sparse_jax.training.progress import Progress
 from sparse_jax.training.report import format_table
@@ -132,11 +135,10 @@ def foovb_step_options(config) -> dict[str, int]:
           "iterations": int(kwargs.get("fixed_point_iterations", 1))}
 
 
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def _print_results(results: dict[str, Any]) -> None:
+  print(format_table([{k: results.get(k) for k in
+                       ("name", "stream", "method", "average_accuracy", "forgetting",
+                        "backward_transfer", "wall_s")}]))
 
 
 def run_continual(config, workdir: str, *,
@@ -153,9 +155,11 @@ def run_continual(config, workdir: str, *,
   Returns:
     The results (also ``workdir/results.json``).
   """
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  validate(config)
+  stored = begin(config, workdir)
+  if stored is not None:
+    _print_results(stored)
+    return stored
   stream = make_stream(load_dataset(config.data), seed=config.seed, **config.stream)
   model_kwargs = dict(config.model)
   model = build_model(model_kwargs.pop("name"), stream.input_shape, stream.num_classes,
@@ -188,8 +192,10 @@ def run_continual(config, workdir: str, *,
   ckpt = Checkpointer(workdir)
   state = ckpt.restore_latest(state)
   start_task = int(state.tasks_done)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, enabled=is_primary(),
+                        start_step=int(state.train.step))
   writer.truncate_after(int(state.train.step))
+  guard = NonFiniteGuard(int(config.train.get("max_nonfinite_steps", 0)))
   acc = np.array(state.acc)
   masks = (None if stream.task_classes is None else
            [np.isin(np.arange(stream.num_classes), c) for c in stream.task_classes])
@@ -210,6 +216,7 @@ def run_continual(config, workdir: str, *,
     if batch.task != current:  # the segment of task `current` is over
       train_state, ewc, acc = _end_of_task(current, train_state, ewc, acc, stream,
                                            config, fisher_fn, eval_task, writer)
+      writer.flush()
       ckpt.save(current + 1, ContinualState(train_state, ewc, jnp.asarray(acc),
                                             jnp.asarray(current + 1, jnp.int32)))
       current = batch.task
@@ -219,6 +226,7 @@ def run_continual(config, workdir: str, *,
     logit_mask = None if masks is None else masks[batch.task]
     train_state, metrics = step_fn(train_state, batch.x, batch.y, ewc, logit_mask)
     step = int(train_state.step)
+    guard.check(step, float(metrics["loss"]))
     if step % int(config.train.log_every) == 0:
       metrics = jax.device_get(metrics)
       writer.write(step, "train", {**metrics, "task": batch.task})
@@ -227,6 +235,7 @@ def run_continual(config, workdir: str, *,
     if current < t and np.isnan(acc[t - 1]).any():
       train_state, ewc, acc = _end_of_task(current, train_state, ewc, acc, stream,
                                            config, fisher_fn, eval_task, writer)
+      writer.flush()
       ckpt.save(t, ContinualState(train_state, ewc, jnp.asarray(acc),
                                   jnp.asarray(t, jnp.int32)))
   wall = time.perf_counter() - t0
@@ -241,12 +250,11 @@ def run_continual(config, workdir: str, *,
         "final_accuracies": acc[-1].tolist(),
         "accuracy_matrix": acc.tolist(),
     })
-    _write_json(os.path.join(workdir, "results.json"), results)
-    plot_accuracy_matrix(acc, os.path.join(workdir, "accuracy_matrix.png"),
-                         title=f"{config.get('name', '')}: test accuracy (%)")
-    print(format_table([{k: results[k] for k in
-                         ("name", "stream", "method", "average_accuracy", "forgetting",
-                          "backward_transfer", "wall_s")}]))
+    if is_primary():
+      plot_accuracy_matrix(acc, os.path.join(workdir, "accuracy_matrix.png"),
+                           title=f"{config.get('name', '')}: test accuracy (%)")
+      write_json(os.path.join(workdir, "results.json"), results)
+      _print_results(results)
   writer.close()
   ckpt.close()
   return results

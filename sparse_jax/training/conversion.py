@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from typing import Any
 
@@ -29,8 +28,10 @@ from flax import nnx
 
 from sparse_jax import sparsity
 from sparse_jax.training.checkpoint import Checkpointer
+from sparse_jax.training.files import is_primary, write_json
 from sparse_jax.training.loop import build_run, train_and_evaluate
 from sparse_jax.training.report import format_table
+from sparse_jax.training.runs import begin
 from sparse_jax.training.steps import evaluate, make_eval_step
 
 PyTree = Any
@@ -199,6 +200,10 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
     Results with ``test_accuracy_dense`` and ``test_accuracy_<pattern>_<stage>``
     (also ``workdir/results.json``, and a table printed).
   """
+  stored = begin(config, workdir)
+  if stored is not None:
+    print(format_table(stored.get("table", [])))
+    return stored
   conv = config.convert
   dense_dir = os.path.join(workdir, "dense")
   dense_results = train_and_evaluate(config, dense_dir)
@@ -228,7 +233,8 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
       row[stage] = accuracy(params, model_state)
       results[f"test_accuracy_{pattern}_{stage}"] = row[stage]
     rows.append(row)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  print(format_table(rows))
+  results["table"] = rows
+  if is_primary():
+    write_json(os.path.join(workdir, "results.json"), results)
+    print(format_table(rows))
   return results

@@ -16,7 +16,6 @@ are a pure function of ``(seed, step)`` and the whole state is checkpointed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -30,10 +29,13 @@ from sparse_jax.data import BatchSchedule, load_dataset
 from sparse_jax.models import build_model
 from sparse_jax.sparsity import find_mask_states, sparsity_diagnostics
 from sparse_jax.training.checkpoint import Checkpointer
+from sparse_jax.training.config import validate
+from sparse_jax.training.files import is_primary, write_json
 from sparse_jax.training.metrics import MetricWriter, read_metrics
 from sparse_jax.training.optim import build_forward, build_optimizer
 from sparse_jax.training.progress import Progress
 from sparse_jax.training.report import format_table
+from sparse_jax.training.runs import NonFiniteGuard, begin
 from sparse_jax.training.steps import (TrainState, cross_entropy, evaluate,
                                        init_train_state, make_apply, make_eval_step,
                                        make_standard_step, split_model)
@@ -76,14 +78,12 @@ def _data_parallel_builder(graphdef, tx, config):
                      "(on CPU, fake more with XLA_FLAGS="
                      "--xla_force_host_platform_device_count=8 or "
                      "jax_num_cpu_devices)")
-  if int(config.train.batch_size) % n:
-    raise ValueError(f"config.train.batch_size={config.train.batch_size} is not "
-                     f"divisible by config.train.num_devices={n}")
   mesh = jax.sharding.Mesh(np.array(devices[:n]), ("data",))
   apply = make_apply(graphdef)
+  forward = build_forward(config.train.get("forward", ())) or (lambda p: p)
 
-  def loss_fn(params, batch):
-    logits, _ = apply(params, {}, batch["x"], True)
+  def loss_fn(params, batch):  # train.forward (e.g. nm_ste) as the standard step
+    logits, _ = apply(forward(params), {}, batch["x"], True)
     return cross_entropy(logits, batch["y"]).mean()
 
   dp = make_data_parallel_step(loss_fn, tx, mesh)
@@ -139,13 +139,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _wire_totals(workdir: str, log_every: int, num_steps: int) -> dict[str, Any]:
   """Total bytes on the wire per device over the run, from the per-step metrics.
 
@@ -191,9 +184,16 @@ def build_run(config):
   return data, graphdef, tx, init_train_state(params, model_state, tx)
 
 
+def _print_results(results: dict[str, Any]) -> None:
+  print(format_table([results]))
+
+
 def train_and_evaluate(config, workdir: str, *,
                        stop_after_step: int | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+
+  Rerunning a completed workdir re-emits its results without training; a run
+  killed at any moment resumes to the same ``results.json`` (up to ``wall_s``).
 
   Args:
     config: an ``ml_collections.ConfigDict`` (see ``configs/``).
@@ -204,12 +204,19 @@ def train_and_evaluate(config, workdir: str, *,
   Returns:
     The results summary (also written to ``workdir/results.json``). ``status`` is
     "completed", "stopped" (``stop_after_step``) or "preempted" (SIGTERM).
+
+  Raises:
+    ValueError: a config the loop cannot honour (``validate``).
+    RunError: a workdir of another completed run, or too many consecutive
+      non-finite losses.
+    CheckpointError: checkpoints exist but none is intact.
   """
-  os.makedirs(workdir, exist_ok=True)
-  primary = jax.process_index() == 0  # only process 0 writes files
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  validate(config)
+  stored = begin(config, workdir)
+  if stored is not None:
+    _print_results(stored)
+    return stored
+  primary = is_primary()
   train_cfg = config.train
   num_steps = int(train_cfg.num_steps)
 
@@ -227,8 +234,12 @@ def train_and_evaluate(config, workdir: str, *,
   start = int(state.step)
   if start:
     logging.info("resuming from the checkpoint at step %d in %s", start, workdir)
-  writer = MetricWriter(workdir, enabled=primary)
+  writer = MetricWriter(workdir, enabled=primary, start_step=start)
   writer.truncate_after(start)
+
+  def save(step):
+    writer.flush()  # TensorBoard events up to the checkpoint are on disk
+    ckpt.save(step, state)
 
   step_fn = plan.step
   eval_step = jax.jit(make_eval_step(graphdef,
@@ -242,34 +253,46 @@ def train_and_evaluate(config, workdir: str, *,
 
   track_masks = bool(find_mask_states(state.opt_state))
   progress = Progress(num_steps, start, every_secs=float(train_cfg.progress_every_secs))
+  guard = NonFiniteGuard(int(train_cfg.get("max_nonfinite_steps", 0)))
   status = "completed"
   t0 = time.perf_counter()
   last_test: dict[str, float] = {}
-  with _Preemption() as preemption:
-    step = start
-    while step < num_steps:
-      idx = schedule.indices(step)
-      state, metrics = step_fn(state, data.x_train[idx], data.y_train[idx])
-      step += 1
-      if step % train_cfg.log_every == 0 or step == num_steps:
-        metrics = jax.device_get(metrics)
-        writer.write(step, "train", metrics)
-        if track_masks and (step % train_cfg.eval_every == 0 or step == num_steps):
-          writer.write(step, "sparsity", mask_diagnostics(state.params, state.opt_state))
-        progress.update(step, f"loss {float(metrics['loss']):.4f}")
-      if step % train_cfg.eval_every == 0 or step == num_steps:
-        last_test = run_eval(data.x_test, data.y_test)
-        writer.write(step, "test", last_test)
-        logging.info("step %d: test %s", step, last_test)
-      if step % train_cfg.checkpoint_every == 0 or step == num_steps:
-        ckpt.save(step, state)
-      if preemption.requested or (stop_after_step is not None
-                                  and step >= stop_after_step and step < num_steps):
-        ckpt.save(step, state)
-        status = "preempted" if preemption.requested else "stopped"
-        break
+  try:
+    with _Preemption() as preemption:
+      step = start
+      while step < num_steps:
+        idx = schedule.indices(step)
+        state, metrics = step_fn(state, data.x_train[idx], data.y_train[idx])
+        step += 1
+        guard.check(step, float(metrics["loss"]))
+        if step % train_cfg.log_every == 0 or step == num_steps:
+          metrics = jax.device_get(metrics)
+          writer.write(step, "train", metrics)
+          if track_masks and (step % train_cfg.eval_every == 0 or step == num_steps):
+            writer.write(step, "sparsity",
+                         mask_diagnostics(state.params, state.opt_state))
+          progress.update(step, f"loss {float(metrics['loss']):.4f}")
+        if step % train_cfg.eval_every == 0 or step == num_steps:
+          last_test = run_eval(data.x_test, data.y_test)
+          writer.write(step, "test", last_test)
+          logging.info("step %d: test %s", step, last_test)
+        if guard.finite and (step % train_cfg.checkpoint_every == 0
+                             or step == num_steps):
+          save(step)
+        if preemption.requested or (stop_after_step is not None
+                                    and step >= stop_after_step and step < num_steps):
+          if guard.finite:
+            save(step)
+          status = "preempted" if preemption.requested else "stopped"
+          break
+  except BaseException:
+    writer.close()   # events so far are kept
+    ckpt.close()
+    raise
+  writer.flush()
   wall = time.perf_counter() - t0
-
+  if status == "completed" and not last_test:  # killed after the final checkpoint
+    last_test = run_eval(data.x_test, data.y_test)
   forward = build_forward(train_cfg.get("forward", ()))
   weights = state.params if forward is None else forward(state.params)
   nonzero = int(sum(np.count_nonzero(np.asarray(w)) for w in jax.tree.leaves(weights)))
@@ -288,8 +311,8 @@ def train_and_evaluate(config, workdir: str, *,
                     "train_loss": train_metrics["loss"]})
     if primary:
       results.update(_wire_totals(workdir, int(train_cfg.log_every), num_steps))
-      _write_json(os.path.join(workdir, "results.json"), results)
-      print(format_table([{k: v for k, v in results.items()}]))
+      write_json(os.path.join(workdir, "results.json"), results)
+      _print_results(results)
   writer.close()
   ckpt.close()
   return results

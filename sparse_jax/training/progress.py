@@ -1,10 +1,10 @@
-"""Progress logging with throughput and ETA for long runs."""
+"""Progress lines with throughput and ETA for long runs (printed to stdout)."""
 
 from __future__ import annotations
 
 import time
 
-from absl import logging
+from sparse_jax.training.files import is_primary
 
 
 def format_seconds(seconds: float) -> str:
@@ -15,7 +15,10 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-  """Logs ``step/total, steps/s, elapsed, ETA`` at most every ``every_secs`` seconds.
+  """Prints ``step/total, steps/s, elapsed, ETA`` at most every ``every_secs`` s.
+
+  One line per update, on process 0 only; the runners' default output is these
+  lines and the results table.
 
   Args:
     total: the last step of the run.
@@ -42,6 +45,7 @@ class Progress:
     rate = (step - self.start) / max(elapsed, 1e-9)
     eta = self.eta(step)
     eta_text = format_seconds(eta) if eta == eta else "?"
-    logging.info("step %d/%d (%.0f%%)  %.1f steps/s  elapsed %s  ETA %s  %s", step,
-                 self.total, 100.0 * step / max(self.total, 1), rate,
-                 format_seconds(elapsed), eta_text, extra)
+    if is_primary():
+      print(f"step {step}/{self.total} ({100.0 * step / max(self.total, 1):.0f}%)  "
+            f"{rate:.1f} steps/s  elapsed {format_seconds(elapsed)}  ETA {eta_text}  "
+            f"{extra}".rstrip(), flush=True)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sparse_jax.training.files import is_primary, write_json, write_text
 from sparse_jax.training.report import format_table
 
 RunFn = Callable[[Any, str], dict[str, Any]]
@@ -50,6 +51,16 @@ def markdown_table(summary: Sequence[dict[str, Any]], metrics: Sequence[str], *,
   return "\n".join(lines)
 
 
+def _completed(path: str) -> dict[str, Any] | None:
+  """The results of a completed run (a torn or unfinished one is rerun)."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return results if results.get("status") == "completed" else None
+
+
 def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
               seeds: Sequence[int], workdir: str, *, run: RunFn,
               metrics: Sequence[str] = ("test_accuracy",),
@@ -73,21 +84,16 @@ def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
     for seed in seeds:
       run_dir = os.path.join(workdir, variant.replace(",", "+") or "base",
                              f"seed_{seed}")
-      done = os.path.join(run_dir, "results.json")
-      if os.path.exists(done):
-        with open(done) as f:
-          results = json.load(f)
-      else:
+      results = _completed(os.path.join(run_dir, "results.json"))
+      if results is None:
         config = make_config(variant)
         config.seed = int(seed)
         results = run(config, run_dir)
       rows.append({"variant": variant, "seed": int(seed), **results})
   summary = summarize(rows, metrics)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump({"runs": rows, "summary": summary}, f, indent=2, default=str)
   table = markdown_table(summary, metrics, percent=percent)
-  with open(os.path.join(workdir, "sweep.md"), "w") as f:
-    f.write(table + "\n")
-  print(format_table(summary))
+  if is_primary():
+    write_json(os.path.join(workdir, "sweep.json"), {"runs": rows, "summary": summary})
+    write_text(os.path.join(workdir, "sweep.md"), table + "\n")
+    print(format_table(summary))
   return summary
