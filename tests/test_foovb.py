@@ -356,7 +356,7 @@ def test_grads_with_wrong_structure():
   params = _params()
   tx = foovb(num_samples=K)
   state = tx.init(params)
-  with pytest.raises(ValueError, match="structure"):
+  with pytest.raises(ValueError, match=r"do not match the params.*\[.dense.\]"):
     tx.update({"dense": jnp.zeros((K, 3))}, state, params)
 
 

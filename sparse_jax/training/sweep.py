@@ -1,13 +1,18 @@
 """Runs a config over variants x seeds and tabulates mean +- std of the results.
 
 Each run lives in ``workdir/<variant>/seed_<k>`` and is an ordinary resumable run:
-rerunning a sweep skips completed runs and resumes interrupted ones.
+rerunning a sweep skips completed runs and resumes interrupted ones. The sweep
+prints one line per run (its metrics and wall time; the run's own progress
+lines and table are not shown) and the summary table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -51,6 +56,11 @@ def markdown_table(summary: Sequence[dict[str, Any]], metrics: Sequence[str], *,
   return "\n".join(lines)
 
 
+def _say(text: str, end: str = "\n") -> None:
+  if is_primary():
+    print(text, end=end, flush=True)
+
+
 def _completed(path: str) -> dict[str, Any] | None:
   """The results of a completed run (a torn or unfinished one is rerun)."""
   try:
@@ -80,15 +90,28 @@ def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
     The per-variant summary rows.
   """
   rows = []
+  total, k = len(variants) * len(seeds), 0
   for variant in variants:
     for seed in seeds:
+      k += 1
       run_dir = os.path.join(workdir, variant.replace(",", "+") or "base",
                              f"seed_{seed}")
       results = _completed(os.path.join(run_dir, "results.json"))
+      label = f"[{k}/{total}] {variant or 'base'} seed {seed}"
       if results is None:
         config = make_config(variant)
         config.seed = int(seed)
-        results = run(config, run_dir)
+        _say(f"{label} ...", end="")
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # one line per run
+          results = run(config, run_dir)
+        done = f" {time.perf_counter() - t0:.0f} s"
+      else:
+        _say(label, end="")
+        done = " (done before)"
+      shown = [f"{m} {results[m]:.4g}" for m in metrics
+               if isinstance(results.get(m), (int, float))]
+      _say("  " + "  ".join(shown) + done)
       rows.append({"variant": variant, "seed": int(seed), **results})
   summary = summarize(rows, metrics)
   table = markdown_table(summary, metrics, percent=percent)
