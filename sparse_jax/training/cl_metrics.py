@@ -7,7 +7,11 @@ arXiv:1801.10112).
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+
+from sparse_jax.training.files import write_bytes
 
 
 def average_accuracy(acc: np.ndarray) -> float:
@@ -56,5 +60,7 @@ def plot_accuracy_matrix(acc: np.ndarray, path: str, *, title: str = "") -> str:
   ax.set_title(title or "test accuracy (%)", fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  write_bytes(path, buffer.getvalue())   # atomically: never half a PNG
   return path

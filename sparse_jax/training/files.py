@@ -1,8 +1,8 @@
 """Atomic file writes for the runners: a reader never sees half a file.
 
 Every file a runner writes (``config.json``, ``results.json``, the rewrite of
-``metrics.jsonl``, ``sweep.json``, checkpoint digests) goes through
-:func:`write_text`: the text is written to a temporary file in the same
+``metrics.jsonl``, ``sweep.json``, checkpoint digests, figures) goes through
+:func:`write_bytes`: the text is written to a temporary file in the same
 directory, flushed to disk, and renamed over the target, so a kill at any moment
 leaves either the old file or the new one. Only process 0 of a multi-process run
 writes (:func:`is_primary`).
@@ -29,6 +29,15 @@ def write_text(path: str, text: str) -> None:
   Raises:
     OSError: naming ``path`` when its directory is not writable.
   """
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically (temp file + fsync + rename).
+
+  Raises:
+    OSError: naming ``path`` when its directory is not writable.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(directory, exist_ok=True)
@@ -37,8 +46,8 @@ def write_text(path: str, text: str) -> None:
   except OSError as e:
     raise OSError(f"cannot write {path}: {e.strerror or e}") from e
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
