@@ -189,6 +189,14 @@ def convert_params(graphdef, params, model_state, calib, pattern: str, *,
   }
 
 
+def _print_table(rows: list[dict[str, Any]]) -> None:
+  """pattern, dense, then the stages in the order they ran (JSON sorts keys)."""
+  stages = [s for s in ("one_shot", "one_shot_bn", "reconstructed", "reconstructed_bn")
+            if any(s in r for r in rows)]
+  rest = [k for r in rows for k in r if k not in ("pattern", "dense", *stages)]
+  print(format_table(rows, ["pattern", "dense", *stages, *dict.fromkeys(rest)]))
+
+
 def run_conversion(config, workdir: str) -> dict[str, Any]:
   """Trains the dense model once, converts it to every pattern, evaluates each stage.
 
@@ -202,7 +210,7 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
   """
   stored = begin(config, workdir)
   if stored is not None:
-    print(format_table(stored.get("table", [])))
+    _print_table(stored.get("table", []))
     return stored
   conv = config.convert
   dense_dir = os.path.join(workdir, "dense")
@@ -236,5 +244,5 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
   results["table"] = rows
   if is_primary():
     write_json(os.path.join(workdir, "results.json"), results)
-    print(format_table(rows))
+    _print_table(rows)
   return results
