@@ -107,3 +107,44 @@ def test_forward_transform_is_used_in_train_and_eval():
       build_forward([{"name": "nope"}])
   finally:
     FORWARD_TRANSFORMS.pop("_test_zero_head", None)
+
+
+def test_random_transforms_take_their_key_from_the_seed():
+  """Two seeds must not share FOO-VB's (or a random compressor's) noise."""
+  from sparse_jax.bayes import find_foovb_state
+  spec = dict(name="foovb", learning_rate=1.0, schedule="constant",
+              kwargs=dict(covariance="diagonal", num_samples=2), pre=(), post=())
+  params = {"dense": {"kernel": jnp.ones((3, 2))}}
+  key = lambda spec, seed: np.asarray(find_foovb_state(
+      build_optimizer(spec, 10, seed=seed).init(params)).key)
+  assert not np.array_equal(key(spec, 0), key(spec, 1))
+  pinned = dict(spec, kwargs=dict(spec["kwargs"], key=7))   # an explicit key wins
+  np.testing.assert_array_equal(key(pinned, 0), key(pinned, 1))
+  ef = dict(name="sgd", learning_rate=0.1, schedule="constant", pre=(dict(
+      name="error_feedback", compressor="rand_k",
+      compressor_kwargs=dict(fraction=0.5)),), post=())
+  states = [build_optimizer(ef, 10, seed=s).init(params)[0] for s in (0, 1)]
+  assert not np.array_equal(states[0].key, states[1].key)
+
+
+def test_runner_seeds_the_noise_and_the_papers_init():
+  from sparse_jax.bayes import find_foovb_state
+  from sparse_jax.training.config import base_config
+  from sparse_jax.training.loop import build_run
+
+  def config(seed, init="default"):
+    c = base_config()
+    c.seed, c.train.step, c.train.init = seed, "foovb", init
+    c.optimizer.name = "foovb"
+    c.optimizer.kwargs = dict(covariance="kron", num_samples=2, alpha=0.5)
+    return c
+
+  states = [build_run(config(s))[3] for s in (0, 1)]
+  keys = [np.asarray(find_foovb_state(s.opt_state).key) for s in states]
+  assert not np.array_equal(*keys)
+  default = build_run(config(0))[3].params
+  paper = build_run(config(0, "alpha_split"))[3].params
+  kernel, bias = paper["hidden"][0]["kernel"], paper["hidden"][0]["bias"]
+  fan_in = kernel.shape[0]
+  assert np.std(kernel) == pytest.approx(np.sqrt(2 * 0.5 / (fan_in + 2)), rel=0.05)
+  assert np.std(bias) > 0 and np.all(default["hidden"][0]["bias"] == 0)

@@ -17,7 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
   model's keyword arguments), ``optimizer`` (see
   ``sparse_jax.training.optim.build_optimizer``), ``train`` (loop knobs;
   ``max_nonfinite_steps``: stop after that many consecutive non-finite losses,
-  0 never stops). :func:`validate` checks them before a run.
+  0 never stops; ``init``: "default" or "alpha_split", the FOO-VB papers'
+  initialisation, see ``sparse_jax.training.steps.initial_params``).
+  :func:`validate` checks them before a run.
   """
   c = ml_collections.ConfigDict()
   c.name = "mlp_digits"
@@ -31,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
       step="standard", loss_reduction="mean", forward=(), num_steps=3000, batch_size=64,
       log_every=100, eval_every=500, checkpoint_every=1000, eval_batch_size=1000,
       train_eval_examples=10_000, progress_every_secs=10.0,
-      max_nonfinite_steps=20))
+      max_nonfinite_steps=20, init="default"))
   return c
 
 
@@ -140,6 +142,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
     raise ValueError("config.train.max_nonfinite_steps must be an int >= 0 "
                      f"(0 disables the check), got {limit!r}")
+  init = train.get("init", "default")
+  if init not in ("default", "alpha_split"):
+    raise ValueError("config.train.init must be 'default' or 'alpha_split', got "
+                     f"{init!r}")
   forward = _names(train.get("forward", ()))
   for where in ("pre", "post"):
     if "sr_ste" in _names(config.optimizer.get(where, ())) and "nm_ste" not in forward:

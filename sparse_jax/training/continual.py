@@ -45,7 +45,8 @@ from sparse_jax.training.optim import build_optimizer
 from sparse_jax.training.progress import Progress
 from sparse_jax.training.report import format_table
 from sparse_jax.training.steps import (TrainState, cross_entropy, evaluate,
-                                       init_train_state, make_apply, make_eval_step,
+                                       init_train_state, initial_params, make_apply,
+                                       make_eval_step,
                                        make_loss_fn, make_standard_step, split_model)
 
 PyTree = Any
@@ -165,8 +166,9 @@ def run_continual(config, workdir: str, *,
   model = build_model(model_kwargs.pop("name"), stream.input_shape, stream.num_classes,
                       seed=config.seed, **model_kwargs)
   graphdef, params, model_state = split_model(model)
+  params = initial_params(params, config)
   total_steps = sum(stream.steps_per_task())
-  tx = build_optimizer(config.optimizer, total_steps)
+  tx = build_optimizer(config.optimizer, total_steps, seed=config.seed)
   method = config.train.step
   reduction = (config.train.get("loss_reduction")
                or ("sum" if method == "foovb" else "mean"))

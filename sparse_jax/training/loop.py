@@ -37,7 +37,8 @@ from sparse_jax.training.progress import Progress
 from sparse_jax.training.report import format_table
 from sparse_jax.training.runs import NonFiniteGuard, begin
 from sparse_jax.training.steps import (TrainState, cross_entropy, evaluate,
-                                       init_train_state, make_apply, make_eval_step,
+                                       init_train_state, initial_params, make_apply,
+                                       make_eval_step,
                                        make_standard_step, split_model)
 
 
@@ -180,7 +181,9 @@ def build_run(config):
   model = build_model(model_kwargs.pop("name"), data.input_shape, data.num_classes,
                       seed=config.seed, **model_kwargs)
   graphdef, params, model_state = split_model(model)
-  tx = build_optimizer(config.optimizer, int(config.train.num_steps))
+  params = initial_params(params, config)
+  tx = build_optimizer(config.optimizer, int(config.train.num_steps),
+                       seed=config.seed)
   return data, graphdef, tx, init_train_state(params, model_state, tx)
 
 

@@ -28,9 +28,13 @@ class BuildContext(NamedTuple):
   Attributes:
     num_steps: total training steps of the run.
     learning_rate: the base optimizer's schedule (a callable step -> lr).
+    seed: the run's ``config.seed``; transforms that draw random numbers
+      (FOO-VB's noise, random compressors) take their ``key`` from it unless
+      the config gives one, so two seeds never share their noise.
   """
   num_steps: int
   learning_rate: optax.Schedule
+  seed: int = 0
 
 
 Builder = Callable[..., optax.GradientTransformation]
@@ -102,7 +106,7 @@ def _build_one(item: Mapping[str, Any], ctx: BuildContext,
                    f"{sorted(TRANSFORMS)} or any 'optax.<name>'")
 
 
-def build_optimizer(spec: Mapping[str, Any], num_steps: int
+def build_optimizer(spec: Mapping[str, Any], num_steps: int, *, seed: int = 0
                     ) -> optax.GradientTransformationExtraArgs:
   """Builds ``chain(*pre, base(schedule, **kwargs), *post)`` from a spec.
 
@@ -113,12 +117,13 @@ def build_optimizer(spec: Mapping[str, Any], num_steps: int
       ``kwargs`` (extra arguments of the base optimizer), ``pre`` and ``post``
       (sequences of ``{"name": ..., **kwargs}``).
     num_steps: total training steps (for schedules).
+    seed: the run's seed (see :class:`BuildContext`).
 
   Returns:
     The optax transformation.
   """
   schedule = make_schedule(spec, num_steps)
-  ctx = BuildContext(num_steps=num_steps, learning_rate=schedule)
+  ctx = BuildContext(num_steps=num_steps, learning_rate=schedule, seed=int(seed))
   name = str(spec["name"])
   base_kwargs = dict(spec.get("kwargs", None) or {})
   if name in TRANSFORMS:  # e.g. "foovb": a registered transform is the optimizer

@@ -32,6 +32,31 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
+INITS = ("default", "alpha_split")
+"""``config.train.init`` choices: the model's own initialisation, or FOO-VB's."""
+
+
+def initial_params(params: PyTree, config) -> PyTree:
+  """The step-0 params for ``config.train.init``.
+
+  ``"default"``: the model's own initialisation (Flax lecun-normal kernels,
+  zero biases). ``"alpha_split"``: the FOO-VB papers' initialisation
+  (:func:`sparse_jax.bayes.alpha_split_init`: kernel and bias means of each
+  Kronecker group drawn N(0, 2 alpha / (fan_in + 2)), ``alpha`` from
+  ``config.optimizer.kwargs``, default 0.5), drawn from ``config.seed``.
+  """
+  init = config.train.get("init", "default")
+  if init == "default":
+    return params
+  if init != "alpha_split":
+    raise ValueError(f"config.train.init must be one of {INITS}, got {init!r}")
+  from sparse_jax.bayes import alpha_split_init
+  kwargs = dict(config.optimizer.get("kwargs", None) or {})
+  # Its own stream: FOO-VB's noise key also comes from config.seed.
+  key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
+  return alpha_split_init(params, key, alpha=float(kwargs.get("alpha", 0.5)))
+
+
 def make_apply(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, PyTree]]:
   """``apply(params, model_state, x, train) -> (logits, new_model_state)``, pure."""
 

@@ -72,14 +72,15 @@ def _nm_ste(**kwargs):
 
 @register_transform("foovb")
 def _foovb(ctx, **kwargs):
-  del ctx
+  """The noise key follows ``config.seed`` unless the kwargs give ``key``."""
+  kwargs.setdefault("key", ctx.seed)
   return bayes.foovb(**kwargs)
 
 
 @register_transform("error_feedback")
 def _error_feedback(ctx, *, compressor, compressor_kwargs=None, warmup=(), **kwargs):
   """``warmup``: DGC-style sequence of compressor kwargs used over ``warmup_steps``."""
-  del ctx
+  kwargs.setdefault("key", ctx.seed)   # random compressors follow config.seed
   make = getattr(compression, compressor, None)
   if make is None or compressor not in ("top_k", "rand_k", "threshold", "lognormal",
                                         "nm"):
