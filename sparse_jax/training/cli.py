@@ -35,12 +35,19 @@ def _is_config_override_error(exc: BaseException) -> bool:
   return any("config_flags" in f.filename for f in frames)
 
 
+def _missing_config(text: str) -> str | None:
+  """The one line for ml_collections' "config file not found", if it is that."""
+  missing = re.search(r"No such file or directory: (\S+)", text)
+  if missing and "config" in text.lower():
+    return f"error: config file not found: {missing.group(1)}"
+  return None
+
+
 def describe(exc: BaseException) -> str:
   """``exc`` as one line (the config-override errors of ml_collections cleaned)."""
   message = str(exc.args[0] if len(exc.args) == 1 else exc)
-  missing = re.search(r"No such file or directory: (\S+)", message)
-  if missing and ("config" in message.lower()):
-    return f"error: config file not found: {missing.group(1)}"
+  if _missing_config(message):
+    return _missing_config(message)
   if _is_config_override_error(exc):
     message = message.replace("\\n", " ").replace("\\", "").replace("'", "")
     message = " ".join(message.split()).replace(" Did you", ". Did you")
@@ -69,9 +76,8 @@ def run_main(main: Callable) -> None:
       # ml_collections puts the config file's whole traceback in the message:
       # its last line is the error itself.
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-      missing = re.search(r"No such file or directory: (\S+)", str(e))
-      if missing:
-        sys.exit(f"error: config file not found: {missing.group(1)}")
+      if _missing_config(str(e)):
+        sys.exit(_missing_config(str(e)))
       if len(lines) == 1:
         sys.exit(f"error: {lines[0]}")
       first = lines[0].split(":", 1)[0] if lines else "flags"
