@@ -295,3 +295,28 @@ def test_every_bad_launch_is_one_line(tmp_path):
   proc = launch("configs/mlp_digits.py:smoke", str(tmp_path / "wd"),
                 "--config.train.batch_size=0", "--verbosity=1")
   assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_shard_map_with_replicated_params_is_refused_with_the_fix():
+  """Grads of replicated params are already all-reduced: EF must not run."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((4,), ("data",))
+  tx = error_feedback(top_k(0.5), axis_name="data", learning_rate=0.1)
+  params = {"w": jnp.ones(8)}
+  loss = lambda p, xb: jnp.mean((xb @ p["w"]) ** 2)
+
+  def step(p, s, xb, pcast):
+    if pcast:
+      p = jax.tree.map(lambda a: jax.lax.pcast(a, "data", to="varying"), p)
+    return tx.update(jax.grad(loss)(p, xb), s, p)[0]
+
+  with jax.set_mesh(mesh):
+    x = jax.device_put(jnp.ones((16, 8)), NamedSharding(mesh, P("data")))
+    state = tx.init(params)
+    run = lambda pcast: jax.jit(jax.shard_map(
+        lambda p, s, xb: step(p, s, xb, pcast), in_specs=(P(), P(), P("data")),
+        out_specs=P()))(params, state, x)
+    with pytest.raises(ValueError, match=r"(?s)\['w'\] is the same on every device.*"
+                       r"jax.lax.pcast\(p, 'data', to='varying'\)"):
+      run(False)
+    assert run(True)["w"].shape == (8,)   # per-device grads: accepted

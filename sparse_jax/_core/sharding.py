@@ -9,6 +9,31 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 
+def varying_axes(x: Any) -> frozenset | None:
+  """The shard_map mesh axes ``x``'s type varies over (None: no such types).
+
+  JAX 0.10 keeps them in ``typeof(x).manual_axis_type.varying``; earlier
+  versions in ``typeof(x).vma``.
+  """
+  t = jax.typeof(x)
+  manual = getattr(t, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  vma = getattr(t, "vma", None)
+  return None if vma is None else frozenset(vma)
+
+
+def varying_checked(axis_name: Any) -> bool:
+  """Whether shard_map tracks varying types over ``axis_name`` here.
+
+  With ``check_vma=False`` nothing is typed varying, not even the axis
+  index, so a missing axis in a value's type then proves nothing.
+  """
+  axes = varying_axes(jax.lax.axis_index(axis_name))
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return axes is not None and all(a in axes for a in names)
+
+
 def match_vma(x: Any, like: Any) -> Any:
   """Marks ``x`` varying over the shard_map axes ``like`` varies over.
 
@@ -16,10 +41,10 @@ def match_vma(x: Any, like: Any) -> Any:
   same mesh axes; values kept from the state may not (e.g. a replicated
   state) while freshly computed ones do. Outside shard_map this is a no-op.
   """
-  try:
-    missing = tuple(sorted(jax.typeof(like).vma - jax.typeof(x).vma))
-  except AttributeError:  # no varying-axes types in this jax
+  have, want = varying_axes(x), varying_axes(like)
+  if have is None or want is None:  # no varying-axes types in this jax
     return x
+  missing = tuple(sorted(want - have))
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 

@@ -184,6 +184,33 @@ def _global_norm(leaves, inv_scale=1.0) -> jax.Array:
                       for x in leaves))
 
 
+def _check_per_worker(updates, axis_name, who: str) -> None:
+  """Raises when the gradients are the same on every worker (no varying type).
+
+  In ``shard_map``, the gradient of REPLICATED (invariant) params is summed
+  over the devices by JAX's autodiff, a dense all-reduce, before error
+  feedback sees it; compressing that sum is the opposite of what was asked.
+  """
+  if not sharding.varying_checked(axis_name):
+    return
+  for path, g in trees.flatten(updates)[0]:
+    if trees.is_masked(g):
+      continue
+    axes = sharding.varying_axes(g)
+    if axes is not None and axis_name not in axes:
+      raise ValueError(
+          f"{who}: the gradient {trees.path_str(path)} is the same on every "
+          f"device of {axis_name!r} (not device-varying): JAX has already "
+          "all-reduced it densely, because the params entered shard_map "
+          "replicated. Mark them per-device before taking the gradient:\n"
+          f"  params = jax.tree.map(lambda p: jax.lax.pcast(p, {axis_name!r}, "
+          "to='varying'), params)\n"
+          "  grads = jax.grad(loss)(params, batch)\n"
+          "  updates, state = tx.update(grads, state, params)\n"
+          "(or use make_data_parallel_step, which lays out the per-worker "
+          "state).")
+
+
 def error_feedback(
     compressor: Compressor,
     *,
@@ -361,6 +388,8 @@ def error_feedback(
     trees.check_same_structure(state.local.memory, updates, who=who,
                                what="the updates")
     n = 1 if axis_name is None else exchange.bound_axis_size(axis_name, who)
+    if axis_name is not None:
+      _check_per_worker(updates, axis_name, who)
     flat, treedef = trees.flatten(updates)
     grads = [g for _, g in flat]
     flags, absent = leaf_kinds(mask, updates, who)
