@@ -23,15 +23,23 @@ def varying_axes(x: Any) -> frozenset | None:
   return None if vma is None else frozenset(vma)
 
 
+def is_varying(x: Any, axis_name: Any) -> bool | None:
+  """Whether ``x``'s type varies over every axis of ``axis_name`` (a name or
+  a tuple of names); None where this JAX has no varying types."""
+  axes = varying_axes(x)
+  if axes is None:
+    return None
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return all(a in axes for a in names)
+
+
 def varying_checked(axis_name: Any) -> bool:
   """Whether shard_map tracks varying types over ``axis_name`` here.
 
   With ``check_vma=False`` nothing is typed varying, not even the axis
   index, so a missing axis in a value's type then proves nothing.
   """
-  axes = varying_axes(jax.lax.axis_index(axis_name))
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  return axes is not None and all(a in axes for a in names)
+  return is_varying(jax.lax.axis_index(axis_name), axis_name) is True
 
 
 def match_vma(x: Any, like: Any) -> Any:

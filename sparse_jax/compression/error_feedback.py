@@ -196,8 +196,7 @@ def _check_per_worker(updates, axis_name, who: str) -> None:
   for path, g in trees.flatten(updates)[0]:
     if trees.is_masked(g):
       continue
-    axes = sharding.varying_axes(g)
-    if axes is not None and axis_name not in axes:
+    if sharding.is_varying(g, axis_name) is False:
       raise ValueError(
           f"{who}: the gradient {trees.path_str(path)} is the same on every "
           f"device of {axis_name!r} (not device-varying): JAX has already "

@@ -122,11 +122,12 @@ class Checkpointer:
       write_json(self._digest_path(step), {"step": int(step), "sha256": digest})
     self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
     self._manager.wait_until_finished()
-    if is_primary():  # the files as written, checked before orbax reads them
+    if is_primary():
+      # the files as written, checked before orbax reads them...
       write_json(self._digest_path(step),
                  {"step": int(step), "sha256": digest,
                   "files": _file_digests(self._step_dir(step))})
-    if is_primary():  # digests of checkpoints orbax has rotated out
+      # ...and no digests of checkpoints orbax has rotated out
       keep = {f"{s}.json" for s in self._manager.all_steps()} | {f"{step}.json"}
       for name in os.listdir(self.digests):
         if name.endswith(".json") and name not in keep:

@@ -111,6 +111,10 @@ def teacher_data(**overrides) -> dict:
                    seed=0), **overrides)
 
 
+INITS = ("default", "alpha_split")
+"""``config.train.init`` choices: the model's own initialisation, or FOO-VB's
+papers' (see ``sparse_jax.training.steps.initial_params``)."""
+
 _POSITIVE = ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
              "eval_batch_size")
 
@@ -143,9 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.train.max_nonfinite_steps must be an int >= 0 "
                      f"(0 disables the check), got {limit!r}")
   init = train.get("init", "default")
-  if init not in ("default", "alpha_split"):
-    raise ValueError("config.train.init must be 'default' or 'alpha_split', got "
-                     f"{init!r}")
+  if init not in INITS:
+    raise ValueError(f"config.train.init must be one of {INITS}, got {init!r}")
   forward = _names(train.get("forward", ()))
   for where in ("pre", "post"):
     if "sr_ste" in _names(config.optimizer.get(where, ())) and "nm_ste" not in forward:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sparse_jax.training.config import INITS
+
 PyTree = Any
 
 
@@ -30,10 +32,6 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
   """Splits an NNX model into ``(graphdef, params, model_state)`` plain dicts."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-
-INITS = ("default", "alpha_split")
-"""``config.train.init`` choices: the model's own initialisation, or FOO-VB's."""
 
 
 def initial_params(params: PyTree, config) -> PyTree:
