@@ -1,4 +1,4 @@
-"""Error feedback for compressed gradients (EF, EF21, DGC) as an optax transform.
+"""Error feedback for compressed gradients (EF, EF21, EControl, DGC) as an optax transform.
 
 Worker ``i`` of ``n`` holds its gradient ``g_i`` and a compressor ``C``. Let
 ``lr`` be the ``learning_rate`` argument (``1`` when it is ``None``, see
@@ -11,6 +11,17 @@ Worker ``i`` of ``n`` holds its gradient ``g_i`` and a compressor ``C``. Let
 * ``"ef21"``: each worker keeps ``h_i``, the server (every device) keeps
   ``h = mean_i h_i``: ``c_i = C(lr g_i - h_i)``; ``h_i <- h_i + c_i``;
   ``h <- h + mean_i c_i``; the step is ``h``.
+* ``"econtrol"`` (EControl, Gao, Islamov, Stich, Algorithm 1): each worker
+  keeps an error ``e_i`` and an estimate ``h_i``, the server keeps
+  ``h = mean_i h_i``: ``c_i = C(eta e_i + lr g_i - h_i)``;
+  ``e_i <- e_i + lr g_i - h_i - c_i``; ``h_i <- h_i + c_i``;
+  ``h <- h + mean_i c_i``; the step is ``h`` (the paper's ``h_t + Delta_t``).
+  ``eta`` in ``[0, 1]`` is the feedback strength (default
+  :data:`ECONTROL_ETA` = 0.1): only a fraction of the error is fed back each
+  step. Nothing is lost, as for EF: ``e_i + h_i`` grows by exactly
+  ``lr g_i`` each step, so with plain SGD
+  ``n (x_0 - x_T) + sum_i e_i = lr sum_t sum_i g_i,t``. The memories start
+  at 0 (the paper starts ``h_i`` at the first gradient, one dense message).
 * ``"dgc"`` (Deep Gradient Compression): momentum correction
   ``u_i <- momentum u_i + lr g_i``; ``v_i <- v_i + u_i``; ``c_i = C(v_i)``;
   ``v_i <- v_i - c_i``; momentum factor masking ``u_i <- 0`` where ``c_i`` is
@@ -55,7 +66,7 @@ Non-finite gradients: a worker whose gradient holds a NaN or inf anywhere
 (in a compressed or a dense leaf) SKIPS the step: it sends nothing (zeros),
 its memories and momentum stay exactly as they were, ``local.skipped`` counts
 the step and ``local.error_ratio`` is NaN. The other workers' messages are
-still averaged (over all n workers); for EF21 the step is the server estimate
+still averaged (over all n workers); for EF21 and EControl the step is the server estimate
 ``h``, which a step with no messages leaves unchanged. So a NaN never enters a
 residual, and the next finite step continues from the memories as they were.
 """
@@ -78,8 +89,10 @@ from sparse_jax.compression import exchange
 from sparse_jax.compression import wire
 from sparse_jax.compression.compressors import Compressor
 
-VARIANTS = ("ef", "ef21", "dgc", "none")
+VARIANTS = ("ef", "ef21", "econtrol", "dgc", "none")
 """The feedback variants :func:`error_feedback` accepts (``variant=``)."""
+ECONTROL_ETA = 0.1
+"""EControl's default feedback strength ``eta`` (see :func:`error_feedback`)."""
 _MASKED = optax.MaskedNode()
 
 
@@ -88,18 +101,88 @@ class WorkerLocal(NamedTuple):
 
   Attributes:
     memory: ``"ef"``: the residual ``e_i``; ``"dgc"``: the accumulated
-      ``v_i``; ``"ef21"``: the worker's estimate ``h_i``; ``"none"``: empty.
+      ``v_i``; ``"ef21"``: the worker's estimate ``h_i``; ``"econtrol"``: the
+      error ``e_i``; ``"none"``: empty.
       Leaves excluded by the mask hold an ``optax.MaskedNode``.
     momentum: ``"dgc"``: the corrected momentum ``u_i``; otherwise empty.
     error_ratio: float32 scalar, ``||not sent|| / ||incoming||`` this step
       (computed scale-safely; NaN on a skipped step).
     skipped: int32 number of steps this worker skipped because its gradient
       held a NaN or inf (see "Non-finite gradients" in the module docstring).
+    estimate: ``"econtrol"``: the worker's gradient estimate ``h_i`` (its
+      ``memory`` is the error ``e_i``); otherwise empty.
   """
   memory: Any
   momentum: Any
   error_ratio: jax.Array
   skipped: Any = None
+  estimate: Any = None
+
+
+_AUX_FIELDS = ("momentum", "estimate")
+
+
+class _Rule(NamedTuple):
+  """One feedback variant: what a worker sends and what it keeps.
+
+  ``send(g, memory, aux, opts) -> (p, aux)``: the tensor to compress (``g`` is
+  ``lr`` times the gradient) and the second memory after that (DGC's new
+  momentum). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
+  residual)``: the memories after sending ``c = C(p)``, and ``p - c`` when
+  the rule computes it (``None`` otherwise). ``server``: the step is the
+  server estimate ``h <- h + mean_i c_i``. ``aux``: the ``WorkerLocal`` field
+  of the second memory. ``hold``: the memories must be restored explicitly
+  on a skipped step (a zero gradient still moves them).
+  """
+  send: Any
+  keep: Any
+  server: bool = False
+  aux: str | None = None
+  hold: bool = False
+
+
+def _residual_rule(comp, p, c, memory, aux, opts):
+  del memory, opts
+  residual = comp.add_to(p, c, -1.0)     # in place, in p's buffer
+  return residual, aux, residual
+
+
+def _dgc_send(g, memory, u, opts):
+  u = jnp.asarray(opts["momentum"], u.dtype) * u + g    # momentum correction
+  return memory + u, u
+
+
+def _dgc_keep(comp, p, c, memory, u, opts):
+  residual, _, _ = _residual_rule(comp, p, c, memory, u, opts)
+  return residual, comp.zero_where_sent(u, c), residual   # factor masking
+
+
+def _econtrol_keep(comp, p, c, e, h, opts):
+  # p - c = eta e + g - h - c, so e + g - h - c = (p - c) + (1 - eta) e.
+  residual = comp.add_to(p, c, -1.0)
+  new_e = residual + jnp.asarray(1.0 - opts["eta"], e.dtype) * e
+  return new_e, comp.add_to(h, c), residual
+
+
+_RULES = {
+    # EF14: p = e + g; e <- p - c.  (The barrier materialises p once: the
+    # selection and the norms read it, and the residual scatter updates it in
+    # place, in the donated memory buffer when the state is donated.)
+    "ef": _Rule(lambda g, e, a, o: (jax.lax.optimization_barrier(e + g), a),
+                _residual_rule),
+    "none": _Rule(lambda g, e, a, o: (g, a),
+                  lambda comp, p, c, e, a, o: (e, a, None)),
+    # EF21: p = g - h_i; h_i <- h_i + c; the step is h <- h + mean c.
+    "ef21": _Rule(lambda g, h, a, o: (g - h, a),
+                  lambda comp, p, c, h, a, o: (comp.add_to(h, c), a, None),
+                  server=True),
+    # EControl: p = eta e + g - h_i; e <- e + g - h_i - c; h_i <- h_i + c;
+    # the step is h <- h + mean c.
+    "econtrol": _Rule(
+        lambda g, e, h, o: (jnp.asarray(o["eta"], e.dtype) * e + g - h, h),
+        _econtrol_keep, server=True, aux="estimate", hold=True),
+    "dgc": _Rule(_dgc_send, _dgc_keep, aux="momentum", hold=True),
+}
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -109,7 +192,8 @@ class ErrorFeedbackState(NamedTuple):
     count: int32 number of updates so far.
     key: uint32 PRNG key data (random compressors), folded with the step,
       the leaf and the worker index.
-    server: ``"ef21"``: the server estimate ``h = mean_i h_i`` (same on every
+    server: ``"ef21"``, ``"econtrol"``: the server estimate
+      ``h = mean_i h_i`` (same on every
       device); otherwise empty.
     dense_momentum: ``"dgc"``: momentum of the leaves excluded by the mask
       (averaged, same on every device); otherwise empty.
@@ -221,10 +305,11 @@ def error_feedback(
     clip_norm: float | None = None,
     warmup_compressors: Sequence[Compressor] = (),
     warmup_steps: int = 0,
+    eta: float | None = None,
     key: Any = None,
     seed: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Compresses the gradients with error feedback (EF / EF21 / DGC / none).
+  """Compresses the gradients with error feedback (EF / EF21 / EControl / DGC / none).
 
   See the module docstring for the exact update of each variant and for
   where the learning rate sits.
@@ -232,7 +317,8 @@ def error_feedback(
   Args:
     compressor: a :class:`~sparse_jax.compression.Compressor`, e.g.
       ``top_k(0.001)``.
-    variant: ``"ef"`` (EF14 memory), ``"ef21"``, ``"dgc"`` or ``"none"``.
+    variant: ``"ef"`` (EF14 memory), ``"ef21"``, ``"econtrol"``, ``"dgc"``
+      or ``"none"``.
     learning_rate: ``None`` (memories hold gradients; output ``+mean c``, chain
       an optimizer after it) or a float/schedule (multiplies the gradient
       before it enters the memories; output ``-mean c``, ready to apply).
@@ -253,13 +339,17 @@ def error_feedback(
       other, for ``warmup_steps`` steps each before ``compressor`` (DGC:
       ``[top_k(0.25), top_k(0.0625), top_k(0.015625), top_k(0.004)]``).
     warmup_steps: steps per warm-up compressor.
+    eta: EControl's feedback strength in ``[0, 1]`` (default
+      :data:`ECONTROL_ETA`); only for ``variant="econtrol"``. ``eta=1``
+      feeds the whole error back each step; small values keep EControl
+      stable with aggressive compression.
     key: an int seed or a PRNG key for random compressors (default 0).
     seed: deprecated name of ``key``.
 
   Composes with ``jax.jit`` (donated params and state), ``vmap``/``scan``,
   ``optax.masked`` / ``multi_transform`` / ``partition``,
   ``optax.MultiSteps``, ``optax.inject_hyperparams`` (``learning_rate``,
-  ``momentum``, ``clip_norm`` injectable; a compressor's ``fraction`` fixes
+  ``momentum``, ``clip_norm``, ``eta`` injectable; a compressor's ``fraction`` fixes
   the compressed shapes, so it is not), ``nnx.Optimizer`` and orbax; inside
   ``jax.shard_map`` with ``axis_name``.
 
@@ -283,6 +373,9 @@ def error_feedback(
   References:
     Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS 2018,
     https://arxiv.org/abs/1809.07599;
+    Gao, Islamov, Stich, "EControl: Fast Distributed Optimization with
+    Compression and Error Control", ICLR 2024,
+    https://arxiv.org/abs/2311.05645;
     Richtarik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically
     Better, and Practically Faster Error Feedback", NeurIPS 2021,
     https://arxiv.org/abs/2106.05203;
@@ -299,6 +392,11 @@ def error_feedback(
   if momentum is not None and variant != "dgc":
     raise ValueError(f"{who}: momentum is only used by variant='dgc'")
   momentum = 0.9 if momentum is None else momentum
+  if eta is not None and variant != "econtrol":
+    raise ValueError(f"{who}: eta is only used by variant='econtrol'")
+  eta = ECONTROL_ETA if eta is None else eta
+  eta = checks.check_float(eta, "eta", who=who, minimum=0.0, maximum=1.0,
+                           traced_ok=True)
   momentum = checks.check_float(momentum, "momentum", who=who, minimum=0.0,
                                 maximum=1.0, max_open=True, traced_ok=True)
   clip_norm = checks.check_float(clip_norm, "clip_norm", who=who, minimum=0.0,
@@ -349,14 +447,15 @@ def error_feedback(
     return ErrorFeedbackState(
         count=jnp.zeros((), jnp.int32),
         key=keys.key_data(key, who="error_feedback"),
-        server=compressed() if variant == "ef21" else empty(),
+        server=compressed() if _RULES[variant].server else empty(),
         dense_momentum=(zeros_where(flags, absent, leaves, False, treedef)
                         if variant == "dgc" else empty()),
         wire=wire.WireBytes(zero(), zero(), zero()),
         local=WorkerLocal(
             memory=compressed() if variant != "none" else empty(),
             momentum=compressed() if variant == "dgc" else empty(),
-            error_ratio=zero(), skipped=jnp.zeros((), jnp.int32)))
+            error_ratio=zero(), skipped=jnp.zeros((), jnp.int32),
+            estimate=compressed() if variant == "econtrol" else empty()))
 
   def wire_table(leaves, flags, n):
     """Static bytes per device, one row per compressor level."""
@@ -422,94 +521,70 @@ def error_feedback(
                 for g, gone in zip(grads, absent)]
 
     memory = treedef.flatten_up_to(state.local.memory)
-    mom = treedef.flatten_up_to(state.local.momentum)
     server = treedef.flatten_up_to(state.server)
     dense_mom = treedef.flatten_up_to(state.dense_momentum)
     idx = [i for i, f in enumerate(flags) if f]
 
-    # What each worker compresses.
-    new_mom = list(mom)
-    to_send = {}
-    for i in idx:
-      if variant == "ef":
-        # Materialised once (the barrier keeps XLA from recomputing e + lr g
-        # inside every consumer): the selection and the norms read p, and
-        # the residual scatter then updates it in place (in the donated
-        # memory buffer when the state is donated).
-        to_send[i] = jax.lax.optimization_barrier(memory[i] + incoming[i])
-      elif variant == "none":
-        to_send[i] = incoming[i]
-      elif variant == "ef21":
-        to_send[i] = incoming[i] - memory[i]
-      else:  # dgc
-        new_mom[i] = jnp.asarray(momentum, mom[i].dtype) * mom[i] + incoming[i]
-        to_send[i] = memory[i] + new_mom[i]
+    rule = _RULES[variant]
+    aux_field = rule.aux
+    aux = (treedef.flatten_up_to(getattr(state.local, aux_field))
+           if aux_field else [None] * len(grads))
 
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), count)
     if axis_name is not None:
       key = jax.random.fold_in(key, exchange.worker_index(axis_name))
 
     sign = -1.0 if learning_rate is not None else 1.0
+    opts = dict(momentum=momentum, eta=eta)
+    # What each worker compresses (and DGC's new momentum).
+    sends = {i: rule.send(incoming[i], memory[i], aux[i], opts) for i in idx}
 
     def compress_and_exchange(comp: Compressor):
-      """Per compressed leaf: the new memory, the step, the new momentum."""
-      kept_back, step_part, new_mom_part, unsent_sq = [], [], [], []
+      """Per compressed leaf: new memory, new aux memory, the step."""
+      new_mem, new_aux, step_part, unsent_sq = [], [], [], []
       for i in idx:
-        p = to_send[i]
+        p, a = sends[i]
         c = comp.compress(p, jax.random.fold_in(key, stream[i]))
         c = c._replace(values=jnp.where(finite, c.values,
                                         jnp.zeros((), c.values.dtype)))
-        if variant in ("ef", "dgc"):
-          # The residual p - c_i, updated in place; its norm is read from it
-          # after the scatter (a sum over p before the scatter would make
-          # XLA:CPU copy p first).
-          residual = comp.add_to(p, c, -1.0)
-          kept_back.append(residual)
-          unsent_sq.append(jnp.sum(jnp.square(
-              residual.astype(jnp.float32) * inv_scale)))
-        else:
-          kept_back.append(comp.add_to(memory[i], c) if variant == "ef21"
-                           else None)
-          unsent_sq.append(_unsent_sq_norm(comp, p, c, inv_scale))
-        if variant == "ef21":
-          # h_i <- h_i + c_i; h <- h + mean_i c_i (the step is h).
-          base = server[i]
-        else:
-          base = jnp.zeros(p.shape, p.dtype)  # not zeros_like: p varies
-        # The output sign is folded into the scatter (no extra dense pass),
-        # except for EF21 whose server estimate h is stored as is.
-        scale = 1.0 if variant == "ef21" else sign
-        if axis_name is None:
-          step_part.append(comp.add_to(base, c, scale))
-        else:
-          gathered = exchange.all_gather(c, axis_name)
-          step_part.append(comp.add_to(base, gathered, scale / n))
-        if variant == "dgc":
-          new_mom_part.append(comp.zero_where_sent(new_mom[i], c))
-      return (kept_back, step_part, new_mom_part,
+        m, a, residual = rule.keep(comp, p, c, memory[i], a, opts)
+        new_mem.append(m)
+        new_aux.append(a)
+        # ||what was not sent||: read from the residual when the rule makes
+        # one (after its in-place scatter: a sum over p before it would make
+        # XLA:CPU copy p first), else from p and the few sent entries.
+        unsent_sq.append(
+            jnp.sum(jnp.square(residual.astype(jnp.float32) * inv_scale))
+            if residual is not None else _unsent_sq_norm(comp, p, c, inv_scale))
+        # The step: the server estimate h <- h + mean_i c_i (EF21, EControl;
+        # stored as is) or mean_i c_i with the output sign folded into the
+        # scatter (no extra dense pass).
+        base = (server[i] if rule.server
+                else jnp.zeros(p.shape, p.dtype))  # not zeros_like: p varies
+        step_part.append(exchange.mean_into(
+            comp, c, base, 1.0 if rule.server else sign, axis_name, n))
+      return (new_mem, new_aux, step_part,
               sum(unsent_sq, jnp.zeros((), jnp.float32)))
 
     if len(levels) == 1:
       level = jnp.zeros((), jnp.int32)
-      kept_back, step_part, new_mom_part, unsent_sq = compress_and_exchange(
+      kept_back, kept_aux, step_part, unsent_sq = compress_and_exchange(
           compressor)
     else:
       level = jnp.minimum(count // warmup_steps, len(levels) - 1)
-      kept_back, step_part, new_mom_part, unsent_sq = jax.lax.switch(
+      kept_back, kept_aux, step_part, unsent_sq = jax.lax.switch(
           level, [functools.partial(compress_and_exchange, c) for c in levels])
 
     out = [None] * len(grads)
     new_memory, new_server, new_dense_mom = (list(memory), list(server),
                                              list(dense_mom))
+    new_aux = list(aux)
     for j, i in enumerate(idx):
-      if variant == "ef21":
-        new_memory[i] = kept_back[j]
+      new_memory[i] = kept_back[j]
+      new_aux[i] = kept_aux[j]
+      if rule.server:
         new_server[i] = step_part[j]
-      elif variant != "none":
-        new_memory[i] = kept_back[j]
-      if variant == "dgc":
-        new_mom[i] = new_mom_part[j]
-      out[i] = sign * step_part[j] if variant == "ef21" else step_part[j]
+      out[i] = sign * step_part[j] if rule.server else step_part[j]
     for i, f in enumerate(flags):
       if f:
         continue
@@ -524,16 +599,20 @@ def error_feedback(
         new_dense_mom[i] = x
       out[i] = sign * x
 
-    if variant == "dgc":  # a skipped step leaves the worker's state as it was
+    if rule.hold:  # a skipped step leaves the worker's state as it was
       # (EF and EF21 memories are unchanged already: zero in, zero sent.)
-      hold = lambda new, old: [n if trees.is_masked(o) else
+      hold = lambda new, old: [n if trees.is_masked(o) or o is None else
                                jnp.where(finite, n, o) for n, o in zip(new, old)]
-      new_memory, new_mom = hold(new_memory, memory), hold(new_mom, mom)
+      new_memory, new_aux = hold(new_memory, memory), hold(new_aux, aux)
     # The state keeps its dtypes (a scan carry), whatever the gradients'.
-    keep = lambda new, old: [n if trees.is_masked(o) or n is o
+    unflat = functools.partial(jax.tree.unflatten, treedef)
+    keep = lambda new, old: [n if o is None or trees.is_masked(o) or n is o
                              else n.astype(o.dtype) for n, o in zip(new, old)]
     new_memory, new_server = keep(new_memory, memory), keep(new_server, server)
-    new_mom, new_dense_mom = keep(new_mom, mom), keep(new_dense_mom, dense_mom)
+    new_aux, new_dense_mom = keep(new_aux, aux), keep(new_dense_mom, dense_mom)
+    local_aux = {f: getattr(state.local, f) for f in _AUX_FIELDS}
+    if aux_field:
+      local_aux[aux_field] = unflat(new_aux)
 
     # ||lr g||, as |lr| ||g||: reads the gradient itself (no dense lr * g is
     # kept around just for this norm).
@@ -545,17 +624,16 @@ def error_feedback(
     ratio = jnp.where(in_norm > 0, ratio, 0.0)
     ratio = jnp.where(finite, ratio, jnp.nan)
     wire_row = wire_table(grads, flags, n)[level]
-    unflat = functools.partial(jax.tree.unflatten, treedef)
     new_state = ErrorFeedbackState(
         count=optax.safe_int32_increment(count),
         key=state.key,
         server=unflat(new_server),
         dense_momentum=unflat(new_dense_mom),
         wire=wire.WireBytes(*wire_row),
-        local=WorkerLocal(memory=unflat(new_memory), momentum=unflat(new_mom),
+        local=WorkerLocal(memory=unflat(new_memory),
                           error_ratio=ratio.astype(jnp.float32),
                           skipped=state.local.skipped
-                          + (~finite).astype(jnp.int32)))
+                          + (~finite).astype(jnp.int32), **local_aux))
     return unflat(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

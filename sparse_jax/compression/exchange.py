@@ -45,6 +45,19 @@ def all_gather(compressed, axis_name):
   return jax.lax.all_gather(compressed, axis_name, to="invarying")
 
 
+def mean_into(comp, compressed, base, scale, axis_name, num_workers):
+  """``base + scale * mean_i decompress(c_i)`` over the workers of ``axis_name``.
+
+  The one exchange every compressing transform uses: with ``axis_name=None``
+  (one worker) it is ``comp.add_to(base, compressed, scale)``; otherwise the
+  workers' buffers are all-gathered (:func:`all_gather`) and scatter-added.
+  """
+  if axis_name is None:
+    return comp.add_to(base, compressed, scale)
+  gathered = all_gather(compressed, axis_name)
+  return comp.add_to(base, gathered, scale / num_workers)
+
+
 def dense_mean(x: jax.Array, axis_name) -> jax.Array:
   """All-reduce mean of a dense tensor (for leaves that are not compressed)."""
   return jax.lax.pmean(x, axis_name)
