@@ -1,9 +1,12 @@
 """Gradient compression with error feedback, and its data-parallel exchange.
 
 Compressors (pure functions on one array, static-size compressed form):
-:func:`top_k`, :func:`rand_k`, :func:`threshold`, :func:`lognormal`,
-:func:`nm`. The optax transform :func:`error_feedback` (EF / EF21 / DGC /
-none) compresses the gradients (:func:`powersgd` is the low-rank one), keeps the residuals in its state and, with
+sparsifiers :func:`top_k`, :func:`rand_k`, :func:`threshold`,
+:func:`lognormal`, :func:`nm`; low-precision formats :func:`fp_quantize`
+(any float format, e.g. FP8 e4m3 / e5m2), :func:`fp4` (radix-4 FP4),
+:func:`lognormal_fp` (format chosen per tensor from the lognormal fit); and
+:func:`compose` (sparsify, then send the kept values in a format). The optax
+transform :func:`error_feedback` (EF / EF21 / EControl / DGC / none) compresses the gradients (:func:`powersgd` is the low-rank one), keeps the residuals in its state and, with
 ``axis_name`` inside ``jax.shard_map``, exchanges the compressed tensors with
 ``all_gather`` + scatter-add. :func:`make_data_parallel_step` builds the
 jitted data-parallel train step; :mod:`~sparse_jax.compression.wire` counts
@@ -13,8 +16,12 @@ the bytes on the wire (analytically and from the compiled HLO);
 
 from sparse_jax.compression.compressors import Compressed
 from sparse_jax.compression.compressors import Compressor
+from sparse_jax.compression.compressors import compose
+from sparse_jax.compression.compressors import fp4
+from sparse_jax.compression.compressors import fp_quantize
 from sparse_jax.compression.compressors import kept_count
 from sparse_jax.compression.compressors import lognormal
+from sparse_jax.compression.compressors import lognormal_fp
 from sparse_jax.compression.compressors import nm
 from sparse_jax.compression.compressors import rand_k
 from sparse_jax.compression.compressors import threshold
@@ -22,6 +29,7 @@ from sparse_jax.compression.compressors import top_k
 from sparse_jax.compression.data_parallel import DataParallelStep
 from sparse_jax.compression.data_parallel import make_data_parallel_step
 from sparse_jax.compression.distributed import initialize_distributed
+from sparse_jax.compression.error_feedback import ECONTROL_ETA
 from sparse_jax.compression.error_feedback import ErrorFeedbackState
 from sparse_jax.compression.error_feedback import VARIANTS
 from sparse_jax.compression.error_feedback import WorkerLocal
@@ -37,7 +45,8 @@ from sparse_jax.compression.wire import hlo_collectives
 from sparse_jax.compression.wire import hlo_wire_bytes
 
 __all__ = [
-    "Compressed", "Compressor", "DataParallelStep", "ErrorFeedbackState",
+    "Compressed", "Compressor", "DataParallelStep", "ECONTROL_ETA",
+    "ErrorFeedbackState", "compose", "fp4", "fp_quantize", "lognormal_fp",
     "VARIANTS", "WireBytes", "WorkerLocal", "error_feedback", "exchange_bytes",
     "fit_lognormal", "hlo_collectives", "hlo_wire_bytes",
     "initialize_distributed", "kept_count", "lognormal", "lognormal_threshold",

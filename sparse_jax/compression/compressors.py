@@ -27,15 +27,17 @@ an empty index array (the structured form ``flat_indices`` expands).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax._core import keys
+from sparse_jax.compression import formats
 from sparse_jax.compression import lognormal_model as lognormal_math
 from sparse_jax.compression import selection
 
@@ -44,9 +46,19 @@ _MAX_SIZE = np.iinfo(np.int32).max
 
 
 class Compressed(NamedTuple):
-  """The compressed form of one array: what goes on the wire."""
-  values: jax.Array   # kept values (unused slots hold 0)
-  indices: jax.Array  # encoded positions; see Compressor.flat_indices
+  """The compressed form of one array: what goes on the wire.
+
+  Attributes:
+    values: the kept values (unused slots hold 0); for the low-precision
+      compressors, their uint8 codes (see ``Compressor.decode``).
+    indices: encoded positions, see ``Compressor.flat_indices``; an empty
+      last axis means the dense form (every position, in order).
+    scale: ``None``, or the float32 side information a decoder needs (the
+      per-tensor scale of a low-precision format, and the format chosen).
+  """
+  values: jax.Array
+  indices: jax.Array
+  scale: Any = None
 
 
 class Compressor(NamedTuple):
@@ -59,10 +71,25 @@ class Compressor(NamedTuple):
       ``x.ravel()``, one per entry of ``values``; an index equal to
       ``prod(shape)`` marks an unused slot.
     name: a short description, e.g. ``"top_k(0.001)"``.
+    decode: ``None`` when ``values`` are the values themselves; otherwise
+      ``Compressed -> float32 values`` (leading axes kept; possibly longer
+      than the number of values, e.g. packed 4-bit codes: the extra tail is
+      ignored).
+    fixed_layout: the message puts the same positions in the same places
+      on every worker (a dense low-precision tensor), so workers' messages
+      can be summed chunk by chunk (a reduce-scatter) instead of gathered.
   """
   compress: Callable[[jax.Array, jax.Array], Compressed]
   flat_indices: Callable[[jax.Array, Sequence[int]], jax.Array]
   name: str
+  decode: Callable[[Compressed], jax.Array] | None = None
+  fixed_layout: bool = False
+
+  def values_of(self, compressed: Compressed, count: int) -> jax.Array:
+    """The (decoded) values of ``compressed``: ``count`` on the last axis."""
+    if self.decode is None:
+      return jnp.asarray(compressed.values)
+    return self.decode(compressed)[..., :count]
 
   def decompress(self, compressed: Compressed, shape: Sequence[int],
                  dtype=None) -> jax.Array:
@@ -71,7 +98,9 @@ class Compressor(NamedTuple):
     Leading axes of ``compressed`` (e.g. a worker axis from ``all_gather``)
     are summed over: duplicate indices ADD.
     """
-    dtype = jnp.asarray(compressed.values).dtype if dtype is None else dtype
+    if dtype is None:
+      dtype = (jnp.float32 if self.decode is not None
+               else jnp.asarray(compressed.values).dtype)
     return self.add_to(jnp.zeros(tuple(shape), dtype), compressed)
 
   def add_to(self, target: jax.Array, compressed: Compressed,
@@ -87,10 +116,12 @@ class Compressor(NamedTuple):
     Returns:
       An array like ``target``.
     """
-    values = jnp.asarray(compressed.values)
     shape, size = target.shape, target.size
+    dense_form = compressed.indices.shape[-1] == 0
+    values = self.values_of(compressed, size if dense_form
+                            else compressed.indices.shape[-1])
     values = values * jnp.asarray(scale, values.dtype)
-    if compressed.indices.shape[-1] == 0:    # dense form
+    if dense_form:
       lead = tuple(range(values.ndim - 1))
       total = values.sum(lead) if lead else values
       return target + total.reshape(shape).astype(target.dtype)
@@ -111,9 +142,11 @@ class Compressor(NamedTuple):
   def zero_where_sent(self, target: jax.Array,
                       compressed: Compressed) -> jax.Array:
     """``target`` with the entries that ``compressed`` sends non-zero set to 0."""
-    values = jnp.asarray(compressed.values)
+    dense_form = compressed.indices.shape[-1] == 0
+    values = self.values_of(compressed, target.size if dense_form
+                            else compressed.indices.shape[-1])
     keep = (values == 0).astype(target.dtype)
-    if compressed.indices.shape[-1] == 0:    # dense form
+    if dense_form:
       return target * keep.reshape(target.shape)
     index = self.flat_indices(compressed.indices, target.shape)
     out = target.reshape(-1).at[index].multiply(keep, mode="drop")
@@ -480,3 +513,255 @@ def nm(n: int, m: int, *, axis: int = -2) -> Compressor:
                                  mode="clip").astype(_INDEX_DTYPE)
 
   return Compressor(compress, flat_indices, name)
+
+
+# ------------------------------------------------- low-precision formats --
+
+
+def _codes_message(y, e, m, radix, rounding, key, name):
+  """uint8 codes of ``y`` (float32, already scaled); 4-bit codes packed."""
+  rkey = keys.as_key(key, who=name) if rounding == "stochastic" else None
+  codes = formats.encode(y, e, m, radix=radix, rounding=rounding, key=rkey)
+  return formats.pack4(codes) if 1 + e + m <= 4 else codes
+
+
+def _codes_values(values, e, m, radix, packed: bool):
+  codes = formats.unpack4(values) if packed else values
+  return formats.decode(codes, e, m, radix=radix)
+
+
+def _check_rounding(rounding, name):
+  if rounding not in formats.ROUNDINGS:
+    raise ValueError(f"{name}: rounding must be one of {formats.ROUNDINGS}, "
+                     f"got {rounding!r}")
+
+
+def _amax_scale(flat, top):
+  """Per-tensor scale mapping max |x| onto the format's max (1 for zeros)."""
+  amax = jnp.max(jnp.abs(flat)).astype(jnp.float32)
+  return jnp.where(amax > 0, amax / top, 1.0)
+
+
+def fp_quantize(exponent_bits: int, mantissa_bits: int, *,
+                rounding: str = "nearest", scale: Any = "max",
+                radix: int = 2) -> Compressor:
+  """Sends every value in a low-precision float format (sign, e, m bits).
+
+  The tensor is divided by a per-tensor scale, rounded onto the format's grid
+  (:mod:`sparse_jax.compression.formats`: subnormals, saturation at the max,
+  every code finite) and sent as one byte per value (two per byte for 4-bit
+  formats) plus the float32 scale. ``(4, 3)`` and ``(5, 2)`` round exactly as
+  ml_dtypes' ``float8_e4m3fn`` / ``float8_e5m2`` (same bit patterns). Dense
+  and position-wise (``fixed_layout``): under data parallelism the workers'
+  messages are summed by a reduce-scatter (see
+  :func:`~sparse_jax.compression.error_feedback`), 1/4 of fp32's bytes for
+  8-bit formats.
+
+  Args:
+    exponent_bits: ``e >= 1``.
+    mantissa_bits: ``m >= 0``; ``1 + e + m <= 8``.
+    rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased
+      within the range; needs the key error feedback passes).
+    scale: ``"max"`` (default: max |x| maps to the format's largest value,
+      nothing saturates), a positive float (fixed: ``x / scale`` is rounded,
+      nothing extra is sent) or ``None`` (no scaling).
+    radix: 2, or 4 for radix-4 formats (no mantissa; see :func:`fp4`).
+
+  Returns:
+    A :class:`Compressor` with ``decode`` and ``fixed_layout=True``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = fp_quantize(4, 3, scale=None)
+    >>> out = c.compress(jnp.array([0.3, -1.0, 2.0, 100.0]), jax.random.key(0))
+    >>> out.values.dtype, c.decompress(out, (4,)).tolist()
+    (dtype('uint8'), [0.3125, -1.0, 2.0, 96.0])
+
+  References:
+    Micikevicius et al., "FP8 Formats for Deep Learning", 2022,
+    https://arxiv.org/abs/2209.05433;
+    Chmiel et al., "Neural gradients are near-lognormal: improved quantized
+    and sparse training", ICLR 2021, https://arxiv.org/abs/2006.08173
+  """
+  e, m = formats.check_format(exponent_bits, mantissa_bits, radix,
+                              "fp_quantize")
+  _check_rounding(rounding, "fp_quantize")
+  fixed = None
+  if scale is not None and not (isinstance(scale, str) and scale == "max"):
+    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+        or not math.isfinite(scale) or scale <= 0):
+      raise ValueError(f"fp_quantize: scale must be 'max', None or a positive "
+                       f"float, got {scale!r}")
+    fixed = float(scale)
+  elif scale is None:
+    fixed = 1.0
+  label = formats.describe(e, m, radix)
+  name = (f"fp_quantize({label}"
+          + (", stochastic" if rounding == "stochastic" else "")
+          + ("" if fixed is None else f", scale={scale!r}") + ")")
+  top = float(formats.max_value(e, m, radix))
+  packed = 1 + e + m <= 4
+
+  def compress(x, key):
+    flat = _flatten(x, name).astype(jnp.float32)
+    s = _amax_scale(flat, top) if fixed is None else jnp.float32(fixed)
+    codes = _codes_message(flat / s, e, m, radix, rounding, key, name)
+    return Compressed(codes, jnp.zeros((0,), _INDEX_DTYPE),
+                      s if fixed is None else None)
+
+  def decode(c):
+    values = _codes_values(c.values, e, m, radix, packed)
+    s = jnp.float32(fixed) if fixed is not None else c.scale[..., None]
+    return values * s
+
+  return Compressor(compress, _flat_identity, name, decode, True)
+
+
+def fp4(*, rounding: str = "stochastic") -> Compressor:
+  """Radix-4 FP4 (1 sign, 3 exponent bits, no mantissa), per-tensor scaling.
+
+  Sun et al.'s 4-bit gradient format: the levels are ``s * 4**-j``,
+  ``j = 0..6``, and 0, with ``s = max |x|`` per tensor (the adaptive
+  per-layer gradient scale). Stochastic rounding by default (unbiased between
+  neighbouring levels), as the paper uses for gradients; two codes per byte.
+  (The paper's two-phase rounding, which shifts the grid by a factor 2 for
+  the two backward GEMMs, is about the backward pass's matmuls, not a message
+  format, and is not modelled.)
+
+  Args:
+    rounding: ``"stochastic"`` (default) or ``"nearest"``.
+
+  Returns:
+    ``fp_quantize(3, 0, radix=4, rounding=rounding)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = fp4(rounding="nearest")
+    >>> out = c.compress(jnp.array([1.0, 0.3, -0.06, 0.0]), jax.random.key(0))
+    >>> out.values.shape, c.decompress(out, (4,)).tolist()
+    ((2,), [1.0, 0.25, -0.0625, 0.0])
+
+  References:
+    Sun et al., "Ultra-Low Precision 4-bit Training of Deep Neural
+    Networks", NeurIPS 2020
+  """
+  return fp_quantize(3, 0, radix=4, rounding=rounding)._replace(
+      name=f"fp4({rounding})")
+
+
+def lognormal_fp(bits: int = 8, *, rounding: str = "nearest",
+                 sample_size: int = 1 << 16) -> Compressor:
+  """A ``bits``-bit float format chosen per tensor from its lognormal fit.
+
+  Chmiel et al.'s rule: fit ``ln|x| ~ N(mu, sigma^2)`` (strided sample of
+  ``sample_size`` entries, non-zeros only), then pick the exponent/mantissa
+  split ``(e, bits - 1 - e)``, ``e = 1 .. bits - 1``, whose expected
+  squared relative rounding error under that lognormal is smallest
+  (:func:`~sparse_jax.compression.formats.expected_relative_mse`: each value's
+  error relative to itself; the per-tensor scale
+  maps max |x| to the format's max, as in :func:`fp_quantize`). Wide
+  distributions (large ``sigma``) get more exponent bits. The message is the
+  codes, the scale and the chosen ``e`` (8 bytes of side information);
+  ``Compressed.scale[..., 1]`` is the exponent width, for logging.
+
+  Args:
+    bits: total bits per value, 3 to 8.
+    rounding: ``"nearest"`` or ``"stochastic"``.
+    sample_size: entries used for the fit.
+
+  Returns:
+    A :class:`Compressor` with ``decode`` and ``fixed_layout=True``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = lognormal_fp(8)
+    >>> g = jnp.exp(3.0 * jax.random.normal(jax.random.key(0), (4096,)))
+    >>> int(c.compress(g, jax.random.key(1)).scale[1])   # sigma 3: wide
+    5
+
+  References:
+    Chmiel et al., "Neural gradients are near-lognormal: improved quantized
+    and sparse training", ICLR 2021, https://arxiv.org/abs/2006.08173
+  """
+  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not (
+      3 <= bits <= 8):
+    raise ValueError(f"lognormal_fp: bits must be an int in [3, 8], got "
+                     f"{bits!r}")
+  bits = int(bits)
+  _check_rounding(rounding, "lognormal_fp")
+  if int(sample_size) < 2:
+    raise ValueError(f"lognormal_fp: sample_size must be >= 2, got "
+                     f"{sample_size!r}")
+  name = f"lognormal_fp({bits}" + (", stochastic" if rounding == "stochastic"
+                                   else "") + ")"
+  packed = bits <= 4
+
+  def compress(x, key):
+    flat = _flatten(x, name).astype(jnp.float32)
+    stride = max(1, flat.shape[0] // int(sample_size))
+    fit = lognormal_math.fit_lognormal(flat[::stride])
+    amax = jnp.max(jnp.abs(flat)).astype(jnp.float32)
+    e, _ = formats.choose_split(fit.mu, fit.sigma,
+                                jnp.log(jnp.maximum(amax, 1e-38)), bits)
+
+    def branch(width):   # one static format per exponent width
+      s = jnp.where(amax > 0, amax / formats.max_value(width, bits - 1 - width),
+                    1.0).astype(jnp.float32)
+      codes = _codes_message(flat / s, width, bits - 1 - width, 2, rounding,
+                             key, name)
+      return codes, s
+
+    codes, s = jax.lax.switch(e - 1, [functools.partial(branch, w)
+                                      for w in range(1, bits)])
+    return Compressed(codes, jnp.zeros((0,), _INDEX_DTYPE),
+                      jnp.stack([s, e.astype(jnp.float32)]))
+
+  def decode(c):
+    e = c.scale[..., 1:2].astype(jnp.int32)
+    values = _codes_values(c.values, e, bits - 1 - e, 2, packed)
+    return values * c.scale[..., 0:1]
+
+  return Compressor(compress, _flat_identity, name, decode, True)
+
+
+def compose(sparsifier: Compressor, quantizer: Compressor) -> Compressor:
+  """Sparsify, then send the kept values in a low-precision format.
+
+  E.g. ``compose(top_k(0.01), fp_quantize(4, 3))``: the top 1% as FP8 codes
+  plus their int32 indices (5 bytes per kept value instead of 8). The
+  quantizer sees the vector of kept values (its scale is theirs).
+
+  Args:
+    sparsifier: a compressor whose values are floats (top_k, rand_k,
+      threshold, lognormal, nm).
+    quantizer: a low-precision compressor (:func:`fp_quantize`,
+      :func:`fp4`, :func:`lognormal_fp`).
+
+  Returns:
+    A :class:`Compressor` (positions from ``sparsifier``, values decoded by
+    ``quantizer``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = compose(top_k(0.5), fp_quantize(4, 3, scale=None))
+    >>> out = c.compress(jnp.array([0.3, -1.1, 2.0, 0.01]), jax.random.key(0))
+    >>> c.decompress(out, (4,)).tolist()
+    [0.0, -1.125, 2.0, 0.0]
+  """
+  for role, comp in (("sparsifier", sparsifier), ("quantizer", quantizer)):
+    if not isinstance(comp, Compressor):
+      raise ValueError(f"compose: {role} must be a Compressor, got {comp!r}")
+  if sparsifier.decode is not None or quantizer.decode is None:
+    raise ValueError(f"compose: expects (a sparsifier with float values, a "
+                     f"low-precision quantizer), got ({sparsifier.name}, "
+                     f"{quantizer.name})")
+  name = f"compose({sparsifier.name}, {quantizer.name})"
+
+  def compress(x, key):
+    key = keys.as_key(key, who=name)
+    c = sparsifier.compress(x, jax.random.fold_in(key, 0))
+    q = quantizer.compress(c.values, jax.random.fold_in(key, 1))
+    return Compressed(q.values, c.indices, q.scale)
+
+  return Compressor(compress, sparsifier.flat_indices, name, quantizer.decode,
+                    False)

@@ -248,8 +248,10 @@ def _unsent_sq_norm(comp: Compressor, p: jax.Array, c, inv_scale) -> jax.Array:
   Accurate to float32 rounding of ``||p||^2``; clipped at 0.
   """
   p32 = p.astype(jnp.float32) * inv_scale
-  values = c.values.astype(jnp.float32) * inv_scale
-  if c.indices.shape[-1] == 0:    # dense form
+  dense_form = c.indices.shape[-1] == 0
+  values = comp.values_of(c, p.size if dense_form else c.indices.shape[-1])
+  values = values.astype(jnp.float32) * inv_scale
+  if dense_form:
     return jnp.sum(jnp.square(p32 - values.reshape(p.shape)))
   index = comp.flat_indices(c.indices, p.shape)
   at = p32.reshape(-1).at[index].get(mode="fill", fill_value=0)
