@@ -41,13 +41,14 @@ from sparse_jax.compression.selection import select_above
 from sparse_jax.compression.selection import top_k_indices
 from sparse_jax.compression.wire import WireBytes
 from sparse_jax.compression.wire import exchange_bytes
+from sparse_jax.compression.wire import exchange_plan
 from sparse_jax.compression.wire import hlo_collectives
 from sparse_jax.compression.wire import hlo_wire_bytes
 
 __all__ = [
     "Compressed", "Compressor", "DataParallelStep", "ECONTROL_ETA",
     "ErrorFeedbackState", "compose", "fp4", "fp_quantize", "lognormal_fp",
-    "VARIANTS", "WireBytes", "WorkerLocal", "error_feedback", "exchange_bytes",
+    "VARIANTS", "WireBytes", "WorkerLocal", "error_feedback", "exchange_bytes", "exchange_plan",
     "fit_lognormal", "hlo_collectives", "hlo_wire_bytes",
     "initialize_distributed", "kept_count", "lognormal", "lognormal_threshold",
     "make_data_parallel_step", "nm", "powersgd", "rand_k", "select_above", "threshold",

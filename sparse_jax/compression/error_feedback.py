@@ -45,11 +45,20 @@ Where the learning rate sits:
   ``optax.apply_updates(params, updates)``, like ``optax.sgd(lr)``.
 
 Data parallel (``axis_name``): inside ``jax.shard_map`` over a mesh axis, each
-device keeps its own memories (the :class:`WorkerLocal` part of the state);
-the compressed ``(values, indices)`` are all-gathered and scatter-ADDED, so the
-output is the mean over workers of their compressed tensors, identical on
+device keeps its own memories (the :class:`WorkerLocal` part of the state) and
+the output is the mean over workers of their compressed tensors, identical on
 every device (and typed invariant, so ``check_vma=True`` accepts it as a
-replicated output). Leaves excluded by ``mask`` are averaged with a dense
+replicated output). How the messages travel is chosen per leaf by bytes
+(``collective="auto"``; :func:`~sparse_jax.compression.exchange_plan` tells
+which): sparse ``(values, indices)`` are all-gathered and scatter-ADDED;
+dense low-precision messages (``fp_quantize``, ``fp4``, ``lognormal_fp``) go
+by reduce-scatter: device ``j`` receives chunk ``j`` of every worker's
+message, sums them exactly, re-encodes the mean chunk in the same format and
+all-gathers it (8-bit: 1/4 of an fp32 ring all-reduce); the re-encoding error
+goes back into the owner's memory (times ``n``), so the invariants below
+still hold (not for ``"none"``, which has no memory); and where neither saves
+bytes (e.g. N:M 2:4 at 8 workers) each worker decompresses and the result is
+all-reduced densely. Leaves excluded by ``mask`` are averaged with a dense
 all-reduce. :func:`~sparse_jax.compression.make_data_parallel_step` lays out
 the state for this.
 
@@ -129,7 +138,9 @@ class _Rule(NamedTuple):
   ``lr`` times the gradient) and the second memory after that (DGC's new
   momentum). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
   residual)``: the memories after sending ``c = C(p)``, and ``p - c`` when
-  the rule computes it (``None`` otherwise). ``server``: the step is the
+  the rule computes it (``None`` otherwise). ``absorb(memory, aux, lost)``:
+  the memories after the exchange dropped ``lost`` from the mean step (a
+  reduce-scatter's re-encoding), keeping the invariant. ``server``: the step is the
   server estimate ``h <- h + mean_i c_i``. ``aux``: the ``WorkerLocal`` field
   of the second memory. ``hold``: the memories must be restored explicitly
   on a skipped step (a zero gradient still moves them).
@@ -139,6 +150,7 @@ class _Rule(NamedTuple):
   server: bool = False
   aux: str | None = None
   hold: bool = False
+  absorb: Any = lambda memory, aux, lost: (memory + lost, aux)
 
 
 def _residual_rule(comp, p, c, memory, aux, opts):
@@ -171,16 +183,18 @@ _RULES = {
     "ef": _Rule(lambda g, e, a, o: (jax.lax.optimization_barrier(e + g), a),
                 _residual_rule),
     "none": _Rule(lambda g, e, a, o: (g, a),
-                  lambda comp, p, c, e, a, o: (e, a, None)),
+                  lambda comp, p, c, e, a, o: (e, a, None),
+                  absorb=lambda e, a, lost: (e, a)),   # no memory: lost
     # EF21: p = g - h_i; h_i <- h_i + c; the step is h <- h + mean c.
     "ef21": _Rule(lambda g, h, a, o: (g - h, a),
                   lambda comp, p, c, h, a, o: (comp.add_to(h, c), a, None),
-                  server=True),
+                  server=True, absorb=lambda h, a, lost: (h - lost, a)),
     # EControl: p = eta e + g - h_i; e <- e + g - h_i - c; h_i <- h_i + c;
     # the step is h <- h + mean c.
     "econtrol": _Rule(
         lambda g, e, h, o: (jnp.asarray(o["eta"], e.dtype) * e + g - h, h),
-        _econtrol_keep, server=True, aux="estimate", hold=True),
+        _econtrol_keep, server=True, aux="estimate", hold=True,
+        absorb=lambda e, h, lost: (e + lost, h - lost)),
     "dgc": _Rule(_dgc_send, _dgc_keep, aux="momentum", hold=True),
 }
 
@@ -308,6 +322,7 @@ def error_feedback(
     warmup_compressors: Sequence[Compressor] = (),
     warmup_steps: int = 0,
     eta: float | None = None,
+    collective: str = "auto",
     key: Any = None,
     seed: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -341,6 +356,10 @@ def error_feedback(
       other, for ``warmup_steps`` steps each before ``compressor`` (DGC:
       ``[top_k(0.25), top_k(0.0625), top_k(0.015625), top_k(0.004)]``).
     warmup_steps: steps per warm-up compressor.
+    collective: how workers' messages are combined under ``axis_name``:
+      ``"auto"`` (default: per leaf, the cheapest in bytes), ``"all_gather"``,
+      ``"all_reduce"`` (decompress, dense all-reduce) or ``"reduce_scatter"``
+      (fixed-layout low-precision compressors only).
     eta: EControl's feedback strength in ``[0, 1]`` (default
       :data:`ECONTROL_ETA`); only for ``variant="econtrol"``. ``eta=1``
       feeds the whole error back each step; small values keep EControl
@@ -421,6 +440,15 @@ def error_feedback(
                      f"> 0 (or neither), got {len(warmup_compressors)} "
                      f"compressors and warmup_steps={warmup_steps}")
   levels = warmup_compressors + (compressor,)
+  checks.check_choice(collective, "collective", exchange.COLLECTIVES,
+                      who="error_feedback")
+  if collective == "reduce_scatter":
+    for comp in levels:
+      if not comp.fixed_layout:
+        raise ValueError(f"{who}: collective='reduce_scatter' needs "
+                         f"fixed-layout compressors (dense low-precision "
+                         f"formats: fp_quantize, fp4, lognormal_fp), not "
+                         f"{comp.name}")
   key = keys.seed_or_key(key, seed, who="error_feedback")
   if not checks.is_traced(key):   # checked now; an injected one at init
     keys.as_key(key, who="error_feedback")
@@ -459,7 +487,13 @@ def error_feedback(
             error_ratio=zero(), skipped=jnp.zeros((), jnp.int32),
             estimate=compressed() if variant == "econtrol" else empty()))
 
-  def wire_table(leaves, flags, n):
+  def routes_for(comp, leaves, flags, n):
+    """The exchange route of every compressed leaf (None elsewhere)."""
+    return [exchange.route(comp, x.shape, x.dtype, n, collective)
+            if f and not trees.is_masked(x) else None
+            for x, f in zip(leaves, flags)]
+
+  def wire_table(routes, leaves, flags, n):
     """Static bytes per device, one row per compressor level."""
     present = [(x, f) for x, f in zip(leaves, flags)
                if not trees.is_masked(x)]   # MaskedNode leaves send nothing
@@ -468,10 +502,9 @@ def error_feedback(
     dense_sent = sum(wire.ring_all_reduce_bytes(x.size * x.dtype.itemsize, n)
                      for x, f in present if not f)
     rows = []
-    for comp in levels:
-      sent = dense_sent + sum(
-          wire.all_gather_bytes(comp.wire_bytes(x.shape, x.dtype), n)
-          for x, f in present if f)
+    for level_routes in routes:
+      sent = dense_sent + sum(rt.nbytes for rt in level_routes
+                              if rt is not None)
       rows.append((sent, sent, dense))
     return jnp.asarray(rows, jnp.float32)
 
@@ -541,12 +574,17 @@ def error_feedback(
     # What each worker compresses (and DGC's new momentum).
     sends = {i: rule.send(incoming[i], memory[i], aux[i], opts) for i in idx}
 
-    def compress_and_exchange(comp: Compressor):
+    routes = [routes_for(comp, grads, flags, n) for comp in levels]
+
+    def compress_and_exchange(level_routes):
       """Per compressed leaf: new memory, new aux memory, the step."""
       new_mem, new_aux, step_part, unsent_sq = [], [], [], []
       for i in idx:
         p, a = sends[i]
-        c = comp.compress(p, jax.random.fold_in(key, stream[i]))
+        rt = level_routes[i]
+        comp = rt.compressor
+        leaf_key = jax.random.fold_in(key, stream[i])
+        c = comp.compress(p, leaf_key)
         c = c._replace(values=jnp.where(finite, c.values,
                                         jnp.zeros((), c.values.dtype)))
         m, a, residual = rule.keep(comp, p, c, memory[i], a, opts)
@@ -563,19 +601,24 @@ def error_feedback(
         # scatter (no extra dense pass).
         base = (server[i] if rule.server
                 else jnp.zeros(p.shape, p.dtype))  # not zeros_like: p varies
-        step_part.append(exchange.mean_into(
-            comp, c, base, 1.0 if rule.server else sign, axis_name, n))
+        step, lost = exchange.mean_into(
+            rt, c, base, 1.0 if rule.server else sign, axis_name, n,
+            key=leaf_key)
+        if lost is not None:
+          new_mem[-1], new_aux[-1] = rule.absorb(new_mem[-1], new_aux[-1],
+                                                 lost)
+        step_part.append(step)
       return (new_mem, new_aux, step_part,
               sum(unsent_sq, jnp.zeros((), jnp.float32)))
 
     if len(levels) == 1:
       level = jnp.zeros((), jnp.int32)
       kept_back, kept_aux, step_part, unsent_sq = compress_and_exchange(
-          compressor)
+          routes[0])
     else:
       level = jnp.minimum(count // warmup_steps, len(levels) - 1)
       kept_back, kept_aux, step_part, unsent_sq = jax.lax.switch(
-          level, [functools.partial(compress_and_exchange, c) for c in levels])
+          level, [functools.partial(compress_and_exchange, r) for r in routes])
 
     out = [None] * len(grads)
     new_memory, new_server, new_dense_mom = (list(memory), list(server),
@@ -625,7 +668,7 @@ def error_feedback(
     ratio = jnp.sqrt(unsent_sq) / jnp.where(in_norm > 0, in_norm, 1.0)
     ratio = jnp.where(in_norm > 0, ratio, 0.0)
     ratio = jnp.where(finite, ratio, jnp.nan)
-    wire_row = wire_table(grads, flags, n)[level]
+    wire_row = wire_table(routes, grads, flags, n)[level]
     new_state = ErrorFeedbackState(
         count=optax.safe_int32_increment(count),
         key=state.key,

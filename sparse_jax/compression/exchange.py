@@ -11,8 +11,14 @@ the mean update it gives can leave ``shard_map`` with a replicated
 
 from __future__ import annotations
 
+import math
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from sparse_jax.compression import wire
 
 
 def bound_axis_size(axis_name, who: str) -> int:
@@ -45,17 +51,142 @@ def all_gather(compressed, axis_name):
   return jax.lax.all_gather(compressed, axis_name, to="invarying")
 
 
-def mean_into(comp, compressed, base, scale, axis_name, num_workers):
-  """``base + scale * mean_i decompress(c_i)`` over the workers of ``axis_name``.
+COLLECTIVES = ("auto", "all_gather", "all_reduce", "reduce_scatter")
+"""How compressed messages are combined (``error_feedback(collective=...)``)."""
 
-  The one exchange every compressing transform uses: with ``axis_name=None``
-  (one worker) it is ``comp.add_to(base, compressed, scale)``; otherwise the
-  workers' buffers are all-gathered (:func:`all_gather`) and scatter-added.
+
+class Route(NamedTuple):
+  """How one leaf's messages travel, and what it costs.
+
+  Attributes:
+    collective: ``"all_gather"`` (every worker's message, scatter-added),
+      ``"all_reduce"`` (each worker decompresses, a dense ring all-reduce of
+      the result) or ``"reduce_scatter"`` (fixed-layout messages: each device
+      sums one chunk of every worker's message, re-encodes the mean chunk and
+      all-gathers the chunks).
+    nbytes: bytes each device receives per step (ring algorithms).
+    compressor: the compressor the worker applies (for ``reduce_scatter``,
+      the original one applied chunk by chunk: :func:`chunked`).
+    inner: the original compressor (what a chunk is encoded with).
   """
+  collective: str
+  nbytes: float
+  compressor: Any
+  inner: Any = None
+
+
+def route(comp, shape, dtype, num_workers: int, collective: str = "auto"
+          ) -> Route:
+  """The collective for one leaf: the one asked for, or the cheapest.
+
+  ``"auto"`` compares the bytes each device receives: all-gather of the
+  messages, ``(n - 1) B``; all-reduce of the decompressed tensor,
+  ``2 (n - 1) / n * 4 d``; and, for a fixed-layout compressor (dense
+  low-precision values), reduce-scatter + all-gather of re-encoded chunks,
+  ``2 (n - 1) B_chunk`` with ``B_chunk`` the message of ``ceil(d / n)``
+  values (1/4 of fp32's ring all-reduce for 8-bit formats). Ties go to the
+  all-gather (exact: nothing is re-encoded).
+  """
+  n = int(num_workers)
+  shape = tuple(shape)
+  size = math.prod(shape)
+  if n <= 1:
+    return Route("all_gather", 0.0, comp, comp)
+  options = {"all_gather": wire.all_gather_bytes(comp.wire_bytes(shape, dtype),
+                                                  n),
+             "all_reduce": wire.ring_all_reduce_bytes(
+                 size * np.dtype(jnp.promote_types(dtype, jnp.float32)
+                                 ).itemsize, n)}
+  if comp.fixed_layout:
+    per_chunk = comp.wire_bytes((-(-size // n),), dtype)
+    options["reduce_scatter"] = 2.0 * (n - 1) * per_chunk
+  if collective == "auto":
+    collective = min(options, key=lambda k: (options[k], k != "all_gather"))
+  elif collective not in options:
+    raise ValueError(f"collective={collective!r} needs a fixed-layout "
+                     f"compressor (a dense low-precision format such as "
+                     f"fp_quantize), not {comp.name}")
+  worker = chunked(comp, n) if collective == "reduce_scatter" else comp
+  return Route(collective, float(options[collective]), worker, comp)
+
+
+def chunked(comp, num_workers: int):
+  """``comp`` applied to each of ``n`` equal chunks of the flat tensor.
+
+  The message has a leading chunk axis (each chunk with its own scale), so
+  chunk ``j`` of every worker can be sent to device ``j``; decoding gives the
+  flat (padded) tensor. Dense form: ``flat_indices`` is the identity.
+  """
+  from sparse_jax.compression.compressors import Compressor  # pylint: disable=g-import-not-at-top
+  from sparse_jax.compression.compressors import Compressed  # pylint: disable=g-import-not-at-top
+  n = int(num_workers)
+
+  def compress(x, key):
+    flat = jnp.ravel(x)
+    pad = -flat.shape[0] % n
+    rows = jnp.pad(flat, (0, pad)).reshape(n, -1)
+    keys = jax.random.split(_as_key(key), n)
+    c = jax.vmap(comp.compress)(rows, keys)
+    return Compressed(c.values, jnp.zeros((0,), jnp.int32), c.scale)
+
+  def decode(c):
+    rows = comp.decode(c)       # (..., n, chunk)
+    return rows.reshape(rows.shape[:-2] + (-1,))
+
+  return Compressor(compress, comp.flat_indices, f"chunked({comp.name})",
+                    decode, True)
+
+
+def _as_key(key):
+  from sparse_jax._core import keys  # pylint: disable=g-import-not-at-top
+  return keys.as_key(key, who="exchange")
+
+
+def mean_into(rt: Route, compressed, base, scale, axis_name, num_workers,
+              key=None):
+  """``(base + scale * mean_i decompress(c_i), lost)`` over ``axis_name``.
+
+  The one exchange every compressing transform uses. With ``axis_name=None``
+  (one worker) it is ``rt.compressor.add_to(base, compressed, scale)``.
+  Otherwise by ``rt.collective``; ``lost`` is ``None`` except for
+  ``reduce_scatter``, whose mean chunk is re-encoded on its device: ``lost``
+  is then ``n`` times that rounding error on this device's chunk (zero
+  elsewhere), to be put back into this worker's memory so that nothing is
+  lost (the error-feedback invariant keeps holding).
+  """
+  comp, n = rt.compressor, num_workers
   if axis_name is None:
-    return comp.add_to(base, compressed, scale)
-  gathered = all_gather(compressed, axis_name)
-  return comp.add_to(base, gathered, scale / num_workers)
+    return comp.add_to(base, compressed, scale), None
+  if rt.collective == "all_gather":
+    gathered = all_gather(compressed, axis_name)
+    return comp.add_to(base, gathered, scale / n), None
+  if rt.collective == "all_reduce":
+    dense = comp.add_to(jnp.zeros(base.shape, jnp.promote_types(
+        base.dtype, jnp.float32)), compressed)
+    return base + (jax.lax.pmean(dense, axis_name)
+                   * jnp.asarray(scale, dense.dtype)).astype(base.dtype), None
+  # reduce_scatter: device j receives chunk j of every worker's message,
+  # sums them (exactly, in float32), re-encodes the mean chunk and all-gathers
+  # the chunks.
+  inner = rt.inner
+  size = base.size
+  received = compressed._replace(**{
+      f: jax.lax.all_to_all(getattr(compressed, f), axis_name, 0, 0)
+      for f in ("values", "scale") if getattr(compressed, f) is not None})
+  chunk = -(-size // n)
+  mean = jnp.sum(inner.decode(received)[..., :chunk], 0) / n
+  key = jax.random.fold_in(_as_key(0 if key is None else key), 1 << 20)
+  requant = inner.compress(mean, jax.random.fold_in(key, worker_index(
+      axis_name)))
+  gathered = all_gather(requant, axis_name)
+  flat = inner.decode(gathered)[..., :chunk].reshape(-1)[:size]
+  step = base + (flat.reshape(base.shape) * jnp.asarray(scale, flat.dtype)
+                 ).astype(base.dtype)
+  err = mean - inner.decode(requant)[:chunk]
+  lost = jax.lax.dynamic_update_slice(
+      jnp.zeros((n * chunk,), err.dtype), n * err,
+      (worker_index(axis_name) * chunk,))[:size].reshape(base.shape)
+  return step, lost
 
 
 def dense_mean(x: jax.Array, axis_name) -> jax.Array:

@@ -5,6 +5,11 @@ Per device and per step, for ``n`` workers:
 * compressed exchange of a tensor whose compressed form takes ``B`` bytes
   (values + indices): a ring all-gather, in which every device forwards
   ``n - 1`` chunks, so it sends and receives ``(n - 1) * B`` bytes;
+* a dense low-precision message (fixed layout): a reduce-scatter (an
+  all-to-all of its ``n`` chunk messages of ``B_c`` bytes each) then an
+  all-gather of the re-encoded mean chunks, ``2 (n - 1) B_c``;
+* a tensor where neither saves bytes (e.g. N:M 2:4 at 8 workers): each worker
+  decompresses and it is all-reduced densely;
 * a dense tensor of ``D`` bytes with a ring all-reduce (reduce-scatter then
   all-gather): ``2 (n - 1) / n * D`` sent and as many received.
 
@@ -50,8 +55,44 @@ def _leaf_nbytes(leaf) -> int:
   return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 
 
+def exchange_plan(compressor, params, *, num_workers: int, mask=None,
+                  collective: str = "auto") -> list[tuple[str, str, float]]:
+  """How each leaf is exchanged: ``[(path, collective, bytes), ...]``.
+
+  The same choice :func:`~sparse_jax.compression.error_feedback` makes
+  (``collective="auto"``: the cheapest of all-gather, all-reduce and, for
+  dense low-precision formats, reduce-scatter; see
+  :func:`sparse_jax.compression.exchange.route`). Leaves excluded by ``mask``
+  are ``"dense"`` (a ring all-reduce).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sparse_jax.compression import fp_quantize, top_k
+    >>> p = {"w": jnp.zeros((1000, 1000))}
+    >>> exchange_plan(top_k(0.001), p, num_workers=8)
+    [("['w']", 'all_gather', 56000.0)]
+    >>> exchange_plan(fp_quantize(4, 3), p, num_workers=8)[0][1]
+    'reduce_scatter'
+  """
+  from sparse_jax.compression import exchange  # pylint: disable=g-import-not-at-top
+  n = int(num_workers)
+  flags = trees.select(mask, params, who="exchange_bytes")
+  rows = []
+  for (path, leaf), flag in zip(trees.flatten(params)[0], flags):
+    if trees.is_masked(leaf):
+      continue
+    where = trees.path_str(path)
+    if flag and math.prod(leaf.shape) > 0:
+      rt = exchange.route(compressor, leaf.shape, leaf.dtype, n, collective)
+      rows.append((where, rt.collective, rt.nbytes))
+    else:
+      rows.append((where, "dense", ring_all_reduce_bytes(_leaf_nbytes(leaf),
+                                                         n)))
+  return rows
+
+
 def exchange_bytes(compressor, params, *, num_workers: int,
-                   mask=None) -> WireBytes:
+                   mask=None, collective: str = "auto") -> WireBytes:
   """Analytic bytes per device and step of the error-feedback exchange.
 
   Args:
@@ -62,6 +103,8 @@ def exchange_bytes(compressor, params, *, num_workers: int,
     mask: the same mask given to ``error_feedback`` (pytree of bools, a
       prefix of one, or a callable ``params -> pytree of bools``); ``None``
       compresses every leaf.
+    collective: as ``error_feedback(collective=...)``; which one each leaf
+      uses is :func:`exchange_plan`.
 
   Returns:
     A :class:`WireBytes` of Python floats.
@@ -75,19 +118,11 @@ def exchange_bytes(compressor, params, *, num_workers: int,
     (56000.0, 7000000.0)
   """
   n = int(num_workers)
-  flags = trees.select(mask, params, who="exchange_bytes")
-  leaves = trees.leaves(params)
-  leaves, flags = ([x for x in leaves if not trees.is_masked(x)],
-                   [f for x, f in zip(leaves, flags) if not trees.is_masked(x)])
-  sent = 0.0
-  dense = 0.0
-  for leaf, flag in zip(leaves, flags):
-    nbytes = _leaf_nbytes(leaf)
-    dense += ring_all_reduce_bytes(nbytes, n)
-    if flag and math.prod(leaf.shape) > 0:
-      sent += all_gather_bytes(compressor.wire_bytes(leaf.shape, leaf.dtype), n)
-    else:
-      sent += ring_all_reduce_bytes(nbytes, n)
+  plan = exchange_plan(compressor, params, num_workers=n, mask=mask,
+                       collective=collective)
+  sent = float(sum(nbytes for _, _, nbytes in plan))
+  dense = float(sum(ring_all_reduce_bytes(_leaf_nbytes(x), n)
+                    for x in trees.leaves(params) if not trees.is_masked(x)))
   return WireBytes(sent, sent, dense)
 
 
@@ -126,6 +161,7 @@ _KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
 _OP_RE = re.compile(
     r"=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[^\]]*\](?:\{[^}]*\})?)\s+"
     r"(?P<kind>" + "|".join(_KINDS) + r")(?P<start>-start)?\(")
+_COMMENT_RE = re.compile(r"/\*.*?\*/")
 _ARRAY_RE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 _GROUPS_LIST_RE = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUPS_IOTA_RE = re.compile(r"replica_groups=\[([0-9]+),([0-9]+)\]")
@@ -144,6 +180,7 @@ def hlo_collectives(hlo_text: str, *, num_devices: int | None = None
   """
   out = []
   for line in hlo_text.splitlines():
+    line = _COMMENT_RE.sub("", line)    # e.g. /*index=5*/ inside tuples
     match = _OP_RE.search(line)
     if not match:
       continue
