@@ -36,6 +36,8 @@ from sparse_jax.compression.error_feedback import WorkerLocal
 from sparse_jax.compression.error_feedback import error_feedback
 from sparse_jax.compression.lognormal_model import fit_lognormal
 from sparse_jax.compression.lognormal_model import lognormal_threshold
+from sparse_jax.compression.powersgd import PowerSGDLocal
+from sparse_jax.compression.powersgd import PowerSGDState
 from sparse_jax.compression.powersgd import powersgd
 from sparse_jax.compression.selection import select_above
 from sparse_jax.compression.selection import top_k_indices
@@ -51,6 +53,7 @@ __all__ = [
     "VARIANTS", "WireBytes", "WorkerLocal", "error_feedback", "exchange_bytes", "exchange_plan",
     "fit_lognormal", "hlo_collectives", "hlo_wire_bytes",
     "initialize_distributed", "kept_count", "lognormal", "lognormal_threshold",
-    "make_data_parallel_step", "nm", "powersgd", "rand_k", "select_above", "threshold",
+    "make_data_parallel_step", "nm", "PowerSGDLocal", "PowerSGDState",
+    "powersgd", "rand_k", "select_above", "threshold",
     "top_k", "top_k_indices",
 ]

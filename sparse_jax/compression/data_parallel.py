@@ -13,9 +13,11 @@ device:
 
 Parameters are replicated (``P()``) and ``check_vma=True`` proves the applied
 update is identical on every device. The optimizer state is laid out so that
-each device owns its :class:`~sparse_jax.compression.WorkerLocal` part (a
-leading axis of size ``n`` sharded over the data axis) while the rest is
-replicated. Works with one process or several (``jax.distributed``); there
+each device owns the ``local`` part of every compressing state
+(:func:`is_compressing_state`: a ``local`` + ``wire`` NamedTuple, e.g.
+:class:`~sparse_jax.compression.ErrorFeedbackState`,
+:class:`~sparse_jax.compression.PowerSGDState`; a leading axis of size ``n``
+sharded over the data axis) while the rest is replicated. Works with one process or several (``jax.distributed``); there
 every process passes the same full (global) batch and parameters, and
 :func:`make_data_parallel_step`'s ``init``/``shard_batch`` place the
 addressable pieces.
@@ -38,8 +40,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparse_jax.compression import wire
-from sparse_jax.compression.error_feedback import ErrorFeedbackState
-from sparse_jax.compression.error_feedback import WorkerLocal
 
 PyTree = Any
 
@@ -68,28 +68,37 @@ class DataParallelStep(NamedTuple):
   lower: Callable[[PyTree, PyTree, PyTree], Any]
 
 
-def _is_local(x) -> bool:
-  return isinstance(x, WorkerLocal)
+def is_compressing_state(x) -> bool:
+  """The protocol of a compressing transform's state (error feedback, PowerSGD).
 
-
-def _is_ef(x) -> bool:
-  return isinstance(x, ErrorFeedbackState)
+  A NamedTuple with a ``local`` field (the per-worker part: each device owns
+  its own copy, with an ``error_ratio`` scalar for the metrics) and a
+  ``wire`` field (:class:`~sparse_jax.compression.WireBytes` of the last
+  step); everything else is the same on every device. Any transform whose
+  state follows it is laid out and reported by
+  :func:`make_data_parallel_step`.
+  """
+  fields = getattr(type(x), "_fields", ())
+  return ("local" in fields and "wire" in fields
+          and isinstance(x.wire, wire.WireBytes))
 
 
 def state_specs(opt_state: PyTree, axis_name) -> PyTree:
-  """PartitionSpecs for an optimizer state: WorkerLocal leaves on the axis."""
+  """PartitionSpecs for an optimizer state: the ``local`` parts on the axis."""
   def spec(node):
-    if _is_local(node):
-      return jax.tree.map(lambda _: P(axis_name), node)
+    if is_compressing_state(node):
+      return jax.tree.map(lambda _: P(), node)._replace(
+          local=jax.tree.map(lambda _: P(axis_name), node.local))
     return P()
-  return jax.tree.map(spec, opt_state, is_leaf=_is_local)
+  return jax.tree.map(spec, opt_state, is_leaf=is_compressing_state)
 
 
 def _map_local(fn, opt_state):
-  """Applies ``fn`` to the leaves of the WorkerLocal parts only."""
+  """Applies ``fn`` to the leaves of the ``local`` parts only."""
   return jax.tree.map(
-      lambda node: jax.tree.map(fn, node) if _is_local(node) else node,
-      opt_state, is_leaf=_is_local)
+      lambda node: node._replace(local=jax.tree.map(fn, node.local))
+      if is_compressing_state(node) else node,
+      opt_state, is_leaf=is_compressing_state)
 
 
 def _place(x, sharding):
@@ -171,16 +180,16 @@ def make_data_parallel_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
 
   def body(params, opt_state, batch):
     opt_state = _map_local(lambda x: x[0], opt_state)
-    ef_states = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_ef)
-                 if _is_ef(s)]
+    ef_states = [s for s in jax.tree.leaves(
+        opt_state, is_leaf=is_compressing_state) if is_compressing_state(s)]
     varying = jax.lax.pcast(params, axis_name, to="varying")
     loss, grads = jax.value_and_grad(loss_fn)(varying, batch)
     if not ef_states:
       grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    new_ef = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_ef)
-              if _is_ef(s)]
+    new_ef = [s for s in jax.tree.leaves(
+        opt_state, is_leaf=is_compressing_state) if is_compressing_state(s)]
     if new_ef:
       ratio = sum(s.local.error_ratio for s in new_ef) / len(new_ef)
       loss, ratio = jax.lax.pmean((loss, ratio), axis_name)

@@ -251,7 +251,9 @@ def _check_leaf(path, leaf, compressors: Sequence[Compressor], who: str):
                      jax.ShapeDtypeStruct((2,), jnp.uint32))
     except ValueError as e:
       raise ValueError(f"{who}: cannot compress parameter {where} of shape "
-                       f"{shape} with {comp.name}: {e}") from None
+                       f"{shape} with {comp.name}: {e}. Send it dense with "
+                       "`mask`, e.g. mask=lambda p: jax.tree.map(lambda x: "
+                       "x.ndim >= 2, p) (kernels only)") from None
 
 
 def _unsent_sq_norm(comp: Compressor, p: jax.Array, c, inv_scale) -> jax.Array:
@@ -390,6 +392,36 @@ def error_feedback(
     [0.0, -0.4, 0.3, 0.0]
     >>> [round(e, 4) for e in state.local.memory["w"].tolist()]  # residual
     [0.1, 0.0, 0.0, 0.01]
+
+    Data parallel in your own ``jax.shard_map``: every device keeps its own
+    state (a leading device axis, ``P("data")``), and the params are marked
+    per-device (``pcast``) BEFORE the gradient, else JAX all-reduces the
+    gradient densely first (``update`` then raises, saying so):
+
+    >>> from jax.sharding import PartitionSpec as P
+    >>> n = jax.device_count()
+    >>> mesh = jax.make_mesh((n,), ("data",))
+    >>> tx = error_feedback(top_k(0.5), learning_rate=0.1, axis_name="data")
+    >>> loss = lambda p, x: jnp.mean((x @ p["w"] - 1.0) ** 2)
+    >>> def step(params, state, x):
+    ...   state = jax.tree.map(lambda s: s[0], state)    # this device's own
+    ...   mine = jax.lax.pcast(params, "data", to="varying")
+    ...   grads = jax.grad(loss)(mine, x)                # this device's shard
+    ...   updates, state = tx.update(grads, state, params)
+    ...   return (optax.apply_updates(params, updates),
+    ...           jax.tree.map(lambda s: s[None], state))
+    >>> step = jax.jit(jax.shard_map(step, mesh=mesh,
+    ...     in_specs=(P(), P("data"), P("data")), out_specs=(P(), P("data"))))
+    >>> per_device = jax.NamedSharding(mesh, P("data"))
+    >>> params = {"w": jnp.zeros((4,))}
+    >>> state = jax.device_put(jax.tree.map(lambda s: jnp.stack([s] * n),
+    ...                                     tx.init(params)), per_device)
+    >>> x = jax.device_put(jnp.ones((2 * n, 4)), per_device)
+    >>> params, state = step(params, state, x)
+    >>> [round(w, 4) for w in params["w"].tolist()]
+    [0.2, 0.2, 0.0, 0.0]
+    >>> state.local.memory["w"].shape      # one residual per device
+    (8, 4)
 
   References:
     Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS 2018,

@@ -20,10 +20,11 @@ and leaves excluded by ``mask`` are averaged dense.
 
 The exchange is two all-reduces (not an all-gather), so it needs no
 scatter-add and its bytes are ``2 (n_w - 1) / n_w * 4 (m + n) r`` per matrix
-(ring all-reduce). The state is an
-:class:`~sparse_jax.compression.ErrorFeedbackState` (``server`` holds the
-``Q`` matrices), so :func:`~sparse_jax.compression.make_data_parallel_step`
-lays it out and reports its metrics like error feedback's.
+(ring all-reduce). The state is a
+:class:`PowerSGDState` (``q`` holds the ``Q`` matrices, ``local`` the
+per-worker memories, ``wire`` the bytes), so
+:func:`~sparse_jax.compression.make_data_parallel_step` lays it out and
+reports its metrics like error feedback's (it keys off ``local`` + ``wire``).
 
 Non-finite gradients: as for error feedback, a worker whose gradient holds a
 NaN or inf skips the step (sends zeros, keeps its memory, ``local.skipped``
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,6 @@ import optax
 
 from sparse_jax.compression import exchange
 from sparse_jax.compression import wire
-from sparse_jax.compression.error_feedback import ErrorFeedbackState
-from sparse_jax.compression.error_feedback import WorkerLocal
 from sparse_jax._core import checks
 from sparse_jax._core import keys
 from sparse_jax._core import numerics
@@ -57,6 +56,39 @@ from sparse_jax._core import trees
 from sparse_jax.compression.error_feedback import leaf_kinds
 
 _MASKED = optax.MaskedNode()
+
+
+class PowerSGDLocal(NamedTuple):
+  """The per-worker part of :class:`PowerSGDState` (each device its own).
+
+  Attributes:
+    memory: the error-feedback residual ``e_i`` of each compressed matrix
+      (``optax.MaskedNode`` elsewhere).
+    error_ratio: float32, ``||e_i|| / ||lr g_i||`` this step (NaN when
+      skipped).
+    skipped: int32 number of steps skipped for a non-finite gradient.
+  """
+  memory: Any
+  error_ratio: jax.Array
+  skipped: jax.Array
+
+
+class PowerSGDState(NamedTuple):
+  """State of :func:`powersgd`.
+
+  Attributes:
+    count: int32 number of updates so far.
+    key: uint32 PRNG key data (the initial ``Q``).
+    q: the warm-started ``Q`` of each compressed matrix (the same on every
+      device).
+    wire: :class:`~sparse_jax.compression.WireBytes` of the last step.
+    local: the :class:`PowerSGDLocal` per-worker part.
+  """
+  count: jax.Array
+  key: jax.Array
+  q: Any
+  wire: wire.WireBytes
+  local: PowerSGDLocal
 
 
 def _matrix_shape(shape) -> tuple[int, int]:
@@ -97,8 +129,8 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
     seed: deprecated name of ``key``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is an
-    :class:`~sparse_jax.compression.ErrorFeedbackState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`PowerSGDState`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -147,16 +179,14 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
       qs.append(jax.random.normal(jax.random.fold_in(init_key, stream[i]),
                                   (n, rank),
                                   jnp.result_type(x)))
-    empty = lambda: jax.tree.unflatten(treedef, [_MASKED] * len(flat))
     zero = lambda: jnp.zeros((), jnp.float32)   # own buffers (donation)
-    return ErrorFeedbackState(
+    return PowerSGDState(
         count=jnp.zeros((), jnp.int32),
         key=jnp.array(jax.random.key_data(init_key), copy=True),
-        server=jax.tree.unflatten(treedef, qs),
-        dense_momentum=empty(),
+        q=jax.tree.unflatten(treedef, qs),
         wire=wire.WireBytes(zero(), zero(), zero()),
-        local=WorkerLocal(memory=jax.tree.unflatten(treedef, memory),
-                          momentum=empty(), error_ratio=zero(),
+        local=PowerSGDLocal(memory=jax.tree.unflatten(treedef, memory),
+                            error_ratio=zero(),
                           skipped=jnp.zeros((), jnp.int32)))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -190,7 +220,7 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
              for g in grads]
     inv = 1.0 / jnp.where(finite & (gmax > 0), gmax, 1.0)
     memory = treedef.flatten_up_to(state.local.memory)
-    qs = treedef.flatten_up_to(state.server)
+    qs = treedef.flatten_up_to(state.q)
     out, new_memory, new_qs = [], [], []
     unsent_sq = jnp.zeros((), jnp.float32)
     in_sq = jnp.zeros((), jnp.float32)
@@ -228,16 +258,14 @@ def powersgd(rank: int, *, learning_rate: optax.ScalarOrSchedule | None = None,
         in_sq > 0, in_sq, 1.0)), 0.0)
     ratio = jnp.where(finite, ratio, jnp.nan)
     unflat = functools.partial(jax.tree.unflatten, treedef)
-    new_state = ErrorFeedbackState(
+    new_state = PowerSGDState(
         count=optax.safe_int32_increment(state.count),
         key=state.key,
-        server=unflat(new_qs),
-        dense_momentum=state.dense_momentum,
+        q=unflat(new_qs),
         wire=wire.WireBytes(jnp.float32(sent), jnp.float32(sent),
                             jnp.float32(dense)),
-        local=WorkerLocal(memory=unflat(new_memory),
-                          momentum=state.local.momentum, error_ratio=ratio,
-                          skipped=state.local.skipped
+        local=PowerSGDLocal(memory=unflat(new_memory), error_ratio=ratio,
+                            skipped=state.local.skipped
                           + (~finite).astype(jnp.int32)))
     return unflat(out), new_state
 
