@@ -15,9 +15,20 @@ of the same gradients).
 
 Compressors (variants): ``dense`` (all-reduce), ``topk1`` / ``topk01`` (top 1% /
 0.1% per tensor), ``randk1`` (random 1%), ``lognormal1`` (lognormal threshold at 99%
-sparsity), ``nm14`` (1:4 N:M), ``dgc01`` (DGC at 0.1%: momentum correction, factor
-masking, clipping, warm-up 75% -> 99.9% over the first 400 steps). Feedback: ``ef`` (EF14 memory), ``ef21``,
-``noef`` (drop what is not sent). Task: ``teacher`` (the teacher-student task).
+sparsity), ``nm14`` (1:4 N:M); low-precision formats, every value sent:
+``fp8`` (e4m3), ``fp8e5`` (e5m2), ``lnfp8`` (8-bit, split chosen per tensor from the
+lognormal fit), ``fp4`` (radix-4 FP4, stochastic rounding); and ``topk1fp8`` /
+``topk01fp8`` (top-k values sent as e4m3). Feedback: ``ef`` (EF14 memory), ``ef21``,
+``econtrol``, ``dgc`` (momentum correction, factor masking, clipping, warm-up 75% ->
+the target over the first 400 steps), ``noef`` (drop what is not sent); ``dgc01`` is
+``topk01,dgc``. Task: ``teacher`` (the teacher-student task).
+
+Heterogeneous workers: ``alpha1`` / ``alpha01`` give each worker its own label
+distribution, Dirichlet(1) / Dirichlet(0.1) over the classes
+(``config.train.dirichlet_alpha``; default i.i.d.). Learning rate: ``lr005`` /
+``lr02`` (default 0.1). The heterogeneity study (3 seeds, 8 workers):
+
+    python experiments/sweep.py --config=configs/compress_digits.py --variants="$(python configs/compress_digits.py hetero)" --workdir=workdirs/compress_hetero
 """
 
 import ml_collections
@@ -31,8 +42,35 @@ COMPRESSORS = {
     "randk1": dict(compressor="rand_k", compressor_kwargs=dict(fraction=0.01)),
     "lognormal1": dict(compressor="lognormal", compressor_kwargs=dict(sparsity=0.99)),
     "nm14": dict(compressor="nm", compressor_kwargs=dict(n=1, m=4)),
+    "fp8": dict(compressor="fp_quantize",
+                compressor_kwargs=dict(exponent_bits=4, mantissa_bits=3)),
+    "fp8e5": dict(compressor="fp_quantize",
+                  compressor_kwargs=dict(exponent_bits=5, mantissa_bits=2)),
+    "lnfp8": dict(compressor="lognormal_fp", compressor_kwargs=dict(bits=8)),
+    "fp4": dict(compressor="fp4", compressor_kwargs=dict(rounding="stochastic")),
+    "topk1fp8": dict(compressor="top_k", compressor_kwargs=dict(fraction=0.01),
+                     values=dict(name="fp_quantize", exponent_bits=4, mantissa_bits=3)),
+    "topk01fp8": dict(compressor="top_k", compressor_kwargs=dict(fraction=0.001),
+                      values=dict(name="fp_quantize", exponent_bits=4,
+                                  mantissa_bits=3)),
 }
-FEEDBACK = {"ef": "ef", "ef21": "ef21", "noef": "none"}
+FEEDBACK = {"ef": "ef", "ef21": "ef21", "econtrol": "econtrol", "dgc": "dgc",
+            "noef": "none"}
+HETERO = dict(methods=["noef", "ef", "ef21", "econtrol", "dgc"],
+              compressors=["topk01", "topk1"], alphas=["", "alpha1", "alpha01"],
+              lrs=["lr005", "lr02"])
+
+
+def hetero_variants() -> list[str]:
+  """The heterogeneity study: every method x compressor x alpha x lr, + dense."""
+  out = []
+  for alpha in HETERO["alphas"]:
+    for lr in HETERO["lrs"]:
+      out.append(",".join(filter(None, ["dense", alpha, lr])))
+      for comp in HETERO["compressors"]:
+        for method in HETERO["methods"]:
+          out.append(",".join(filter(None, [comp, method, alpha, lr])))
+  return out
 SWEEP = dict(
     variants=["dense", "topk1,ef", "topk1,noef", "topk01,ef", "topk01,noef", "topk01,ef21",
               "randk1,ef", "lognormal1,ef", "nm14,ef", "dgc01"],
@@ -40,10 +78,10 @@ SWEEP = dict(
     metrics=["test_accuracy", "total_bytes_received", "total_bytes_dense"])
 
 
-def dgc(c):
-  warm = [dict(fraction=f) for f in (0.25, 0.0625, 0.015625, 0.004)]
+def dgc(c, fraction=0.001):
+  warm = [dict(fraction=f) for f in (0.25, 0.0625, 0.015625, 0.004) if f > fraction]
   c.optimizer.pre = (dict(name="error_feedback", compressor="top_k",
-                          compressor_kwargs=dict(fraction=0.001), variant="dgc",
+                          compressor_kwargs=dict(fraction=fraction), variant="dgc",
                           axis_name="data", momentum=0.9, clip_norm=1.0,
                           warmup=tuple(warm), warmup_steps=100),)
 
@@ -78,9 +116,25 @@ def get_config(arg=None):
                                     where="configs/compress_digits.py",
                                     kinds=("compressor", "feedback"),
                                     alone=("dense", "dgc01"))
-  if comp:
+  if "dgc01" in (arg or "").split(","):
+    comp, feedback = "topk01", "dgc"
+  if feedback == "dgc":
+    if COMPRESSORS[comp]["compressor"] != "top_k" or "values" in COMPRESSORS[comp]:
+      raise ValueError(f"configs/compress_digits.py:{arg}: dgc is top-k only")
+    dgc(c, COMPRESSORS[comp]["compressor_kwargs"]["fraction"])
+  elif comp:
     c.optimizer.pre = (dict(name="error_feedback", variant=FEEDBACK[feedback],
                             axis_name="data", **COMPRESSORS[comp]),)
-  if "dgc01" in (arg or "").split(","):
-    dgc(c)
-  return apply_variants(c, rest, {"teacher": teacher, "smoke": smoke})
+  return apply_variants(c, rest, {
+      "teacher": teacher, "smoke": smoke,
+      "alpha1": lambda c: setattr(c.train, "dirichlet_alpha", 1.0),
+      "alpha01": lambda c: setattr(c.train, "dirichlet_alpha", 0.1),
+      "lr005": lambda c: setattr(c.optimizer, "learning_rate", 0.05),
+      "lr02": lambda c: setattr(c.optimizer, "learning_rate", 0.2)})
+
+
+if __name__ == "__main__":   # prints a sweep's --variants list
+  import sys
+  if sys.argv[1:] != ["hetero"]:
+    sys.exit("usage: python configs/compress_digits.py hetero")
+  print(";".join(hetero_variants()))

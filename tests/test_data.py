@@ -117,3 +117,30 @@ def test_batch_schedule_is_a_function_of_step():
   assert keep.steps_per_epoch == 4 and len(keep.indices(3)) == 1
   with pytest.raises(ValueError, match="batch_size"):
     BatchSchedule(10, 0, seed=0)
+
+
+def test_worker_skewed_schedule_follows_each_workers_labels():
+  from sparse_jax.data import BatchSchedule, WorkerSkewedSchedule
+  labels = np.repeat(np.arange(10), 100)
+  sched = WorkerSkewedSchedule(labels, 64, num_workers=8, alpha=0.1, seed=3)
+  q = sched.label_distribution
+  assert q.shape == (8, 10) and np.allclose(q.sum(1), 1.0)
+  np.testing.assert_array_equal(sched.indices(5), sched.indices(5))  # pure
+  assert not np.array_equal(sched.indices(5), sched.indices(6))
+  counts = np.zeros((8, 10))
+  for step in range(400):
+    y = labels[sched.indices(step)].reshape(8, 8)     # worker-major blocks
+    for w in range(8):
+      counts[w] += np.bincount(y[w], minlength=10)
+  freq = counts / counts.sum(1, keepdims=True)
+  np.testing.assert_allclose(freq, q, atol=0.03)
+  assert np.mean(q.max(1)) > 0.5          # alpha 0.1: one or two classes each
+  again = WorkerSkewedSchedule(labels, 64, num_workers=8, alpha=0.1, seed=3)
+  np.testing.assert_array_equal(again.label_distribution, q)
+  other = WorkerSkewedSchedule(labels, 64, num_workers=8, alpha=100.0, seed=3)
+  assert np.abs(other.label_distribution - 0.1).max() < 0.1   # ~ i.i.d.
+  with pytest.raises(ValueError, match="multiple of the 8 workers"):
+    WorkerSkewedSchedule(labels, 60, num_workers=8, alpha=0.1, seed=0)
+  with pytest.raises(ValueError, match="dirichlet_alpha=0.0 must be > 0"):
+    WorkerSkewedSchedule(labels, 64, num_workers=8, alpha=0.0, seed=0)
+  assert BatchSchedule(1000, 64, seed=0).indices(0).shape == (64,)

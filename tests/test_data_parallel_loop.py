@@ -66,3 +66,42 @@ def test_bad_device_count(tmp_path):
 def test_incomplete_compression_variant_is_an_error(arg):
   with pytest.raises(ValueError, match="give one compressor"):
     load_config_module(os.path.join(ROOT, "configs", "compress_digits.py")).get_config(arg)
+
+
+def test_heterogeneous_workers_resume_exactly(tmp_path):
+  """dirichlet_alpha: each worker its own labels; a resumed run is identical."""
+  arg = "topk1,econtrol,alpha01,smoke"
+  full = train_and_evaluate(_config(arg), str(tmp_path / "full"))
+  part = train_and_evaluate(_config(arg), str(tmp_path / "part"),
+                            stop_after_step=6)
+  assert part["status"] == "stopped"
+  resumed = train_and_evaluate(_config(arg), str(tmp_path / "part"))
+  for a, b in zip(jax.tree.leaves(_params(str(tmp_path / "full"), _config(arg))),
+                  jax.tree.leaves(_params(str(tmp_path / "part"), _config(arg)))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed["test_accuracy"] == full["test_accuracy"]
+
+
+@pytest.mark.parametrize("arg", ["fp8,ef", "lnfp8,ef21", "fp4,econtrol",
+                                 "topk1fp8,ef", "topk1,dgc,alpha1,lr02"])
+def test_new_compressors_run_through_the_loop(tmp_path, arg):
+  results = train_and_evaluate(_config(arg + ",smoke"), str(tmp_path))
+  assert results["status"] == "completed"
+  assert np.isfinite(results["test_loss"])
+  ratio = results["total_bytes_received"] / results["total_bytes_dense"]
+  if arg.startswith(("fp8", "lnfp8")):   # 8-bit reduce-scatter, 4 workers
+    assert 0.25 <= ratio < 0.27
+  elif arg.startswith("fp4"):
+    assert 0.125 <= ratio < 0.14
+
+
+def test_dirichlet_alpha_needs_the_data_parallel_step():
+  from sparse_jax.training.config import validate
+  c = load_config_module(os.path.join(ROOT, "configs", "mlp_digits.py")).get_config()
+  c.train.dirichlet_alpha = 0.1
+  with pytest.raises(ValueError, match="dirichlet_alpha=0.1 .*data_parallel"):
+    validate(c)
+  c = _config("dense,alpha1")
+  c.train.dirichlet_alpha = -1.0
+  with pytest.raises(ValueError, match="dirichlet_alpha must be None"):
+    validate(c)

@@ -264,8 +264,9 @@ def test_three_quadratics_top1_needs_error_feedback(variant):
   if variant == "gd":
     tx = optax.sgd(0.1)
   else:
+    extra = dict(eta=0.1) if variant == "econtrol" else {}  # ~ k/d = 1/3
     tx = C.error_feedback(C.top_k(1 / 3), variant=variant, learning_rate=0.1,
-                          axis_name="data")
+                          axis_name="data", **extra)
   dp = C.make_data_parallel_step(loss, tx, mesh)
   params, state = dp.init({"x": QUAD_X0})
   batch = dp.shard_batch(QUAD_H)
@@ -319,8 +320,8 @@ def test_econtrol_converges_where_ef14_stalls():
   Ten least-squares workers whose own gradients do not vanish at the common
   optimum, full gradients, top-1 of 20 coordinates, constant step. EF14 keeps
   oscillating ~1 away from the optimum (its error term never settles);
-  EControl with eta = 0.1 converges linearly, like EF21; eta = 1 (the whole
-  error fed back every step) diverges.
+  EControl (default eta = 0.01, and 0.1) converges linearly, like EF21;
+  eta = 1 (the whole error fed back every step) diverges.
   """
   n, d, lr, steps = 10, 20, 0.05, 3000
   with jax.enable_x64(True):
@@ -343,6 +344,7 @@ def test_econtrol_converges_where_ef14_stalls():
     assert dist("none") > 3.0
     assert dist("ef") > 0.3
     assert dist("econtrol") < 1e-9
+    assert dist("econtrol", eta=0.1) < 1e-9
     assert dist("ef21") < 1e-9
     assert not dist("econtrol", eta=1.0) < 1e3   # diverges (inf/NaN or huge)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping
 
-from sparse_jax.data.batching import BatchSchedule, iterate_batches
+from sparse_jax.data.batching import BatchSchedule, WorkerSkewedSchedule
+from sparse_jax.data.batching import iterate_batches
 from sparse_jax.data.cifar import load_cifar10, read_cifar_batch
 from sparse_jax.data.dataset import Dataset, make_dataset
 from sparse_jax.data.digits import load_digits
@@ -52,6 +53,6 @@ def load_dataset(spec: Mapping[str, Any]) -> Dataset:
   return loader(**spec)
 
 
-__all__ = ["BatchSchedule", "DATASETS", "Dataset", "iterate_batches", "load_cifar10",
+__all__ = ["BatchSchedule", "WorkerSkewedSchedule", "DATASETS", "Dataset", "iterate_batches", "load_cifar10",
            "load_dataset", "load_digits", "load_mnist", "make_dataset",
            "make_teacher_task", "read_cifar_batch", "read_idx"]

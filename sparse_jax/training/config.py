@@ -18,7 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   ``sparse_jax.training.optim.build_optimizer``), ``train`` (loop knobs;
   ``max_nonfinite_steps``: stop after that many consecutive non-finite losses,
   0 never stops; ``init``: "default" or "alpha_split", the FOO-VB papers'
-  initialisation, see ``sparse_jax.training.steps.initial_params``).
+  initialisation, see ``sparse_jax.training.steps.initial_params``;
+  ``dirichlet_alpha``: ``None`` for i.i.d. data-parallel workers, or the
+  concentration of each worker's label distribution, see
+  ``sparse_jax.data.WorkerSkewedSchedule``).
   :func:`validate` checks them before a run.
   """
   c = ml_collections.ConfigDict()
@@ -33,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       step="standard", loss_reduction="mean", forward=(), num_steps=3000, batch_size=64,
       log_every=100, eval_every=500, checkpoint_every=1000, eval_batch_size=1000,
       train_eval_examples=10_000, progress_every_secs=10.0,
-      max_nonfinite_steps=20, init="default"))
+      max_nonfinite_steps=20, init="default", dirichlet_alpha=None))
   return c
 
 
@@ -171,3 +174,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if train.batch_size % n:
       raise ValueError(f"config.train.batch_size={train.batch_size} is not "
                        f"divisible by config.train.num_devices={n}")
+  alpha = train.get("dirichlet_alpha", None)
+  if alpha is not None:
+    if not (runner == "supervised" and step == "data_parallel"):
+      raise ValueError(f"config.train.dirichlet_alpha={alpha!r} splits data "
+                       "over data-parallel workers: it needs "
+                       "config.train.step='data_parallel'")
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+        or not alpha > 0):
+      raise ValueError(f"config.train.dirichlet_alpha must be None (i.i.d.) or "
+                       f"a number > 0, got {alpha!r}")

@@ -16,6 +16,7 @@ are a pure function of ``(seed, step)`` and the whole state is checkpointed.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from sparse_jax.data import BatchSchedule, load_dataset
+from sparse_jax.data import BatchSchedule, WorkerSkewedSchedule, load_dataset
 from sparse_jax.models import build_model
 from sparse_jax.sparsity import find_mask_states, sparsity_diagnostics
 from sparse_jax.training.checkpoint import Checkpointer
@@ -247,8 +248,15 @@ def train_and_evaluate(config, workdir: str, *,
   step_fn = plan.step
   eval_step = jax.jit(make_eval_step(graphdef,
                                      forward=build_forward(train_cfg.get("forward", ()))))
-  schedule = BatchSchedule(len(data.x_train), int(train_cfg.batch_size),
-                           seed=config.seed)
+  alpha = train_cfg.get("dirichlet_alpha", None)
+  if alpha is None or math.isinf(alpha):
+    schedule = BatchSchedule(len(data.x_train), int(train_cfg.batch_size),
+                             seed=config.seed)
+  else:   # heterogeneous data-parallel workers
+    schedule = WorkerSkewedSchedule(
+        data.y_train, int(train_cfg.batch_size),
+        num_workers=int(train_cfg.num_devices), alpha=float(alpha),
+        seed=config.seed)
 
   def run_eval(split_x, split_y):
     return evaluate(eval_step, plan.eval_params(state.params), state.model_state,

@@ -10,6 +10,7 @@ SIGTERM), and a resumed writer purges the events past the resume step.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 import re
 import time
@@ -78,6 +79,9 @@ class _EventFile:
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto import event_pb2
     from tensorboardX.summary import scalar
+    # A NaN metric (e.g. error_ratio on a skipped step) is recorded as NaN; do
+    # not let tensorboardX warn once per scalar (the run reports it once).
+    pylogging.getLogger("tensorboardX.x2num").setLevel(pylogging.ERROR)
     os.makedirs(logdir, exist_ok=True)
     self._event, self._scalar = event_pb2, scalar
     self._writer = EventsWriter(os.path.join(logdir, "events"))

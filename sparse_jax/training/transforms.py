@@ -6,8 +6,11 @@ Optimizer chain (``config.optimizer.pre`` / ``post``; see ``optim.build_optimize
 - ``sr_ste``: SR-STE decay of pruned weights (``pre``; pair with ``nm_ste`` below).
 
 - ``error_feedback``: gradient compression with error feedback (``pre``, before
-  ``sgd``): ``compressor`` ("top_k", "rand_k", "threshold", "lognormal", "nm") with
-  its arguments in ``compressor_kwargs``, ``variant`` ("ef", "ef21", "dgc", "none"),
+  ``sgd``): ``compressor`` ("top_k", "rand_k", "threshold", "lognormal", "nm", or
+  a low-precision format: "fp_quantize", "fp4", "lognormal_fp") with its arguments
+  in ``compressor_kwargs`` (``values=dict(name="fp_quantize", exponent_bits=4,
+  mantissa_bits=3)`` sends a sparsifier's kept values in that format), ``variant``
+  ("ef", "ef21", "econtrol", "dgc", "none"),
   ``axis_name`` ("data" under ``config.train.step = "data_parallel"``), plus the
   other options of ``sparse_jax.compression.error_feedback``. The learning rate
   stays OUTSIDE the memory (the base optimizer applies it): for a constant rate this
@@ -77,20 +80,39 @@ def _foovb(ctx, **kwargs):
   return bayes.foovb(**kwargs)
 
 
+_SPARSIFIERS = ("top_k", "rand_k", "threshold", "lognormal", "nm")
+_FORMATS = ("fp_quantize", "fp4", "lognormal_fp")
+
+
 @register_transform("error_feedback")
-def _error_feedback(ctx, *, compressor, compressor_kwargs=None, warmup=(), **kwargs):
-  """``warmup``: DGC-style sequence of compressor kwargs used over ``warmup_steps``."""
+def _error_feedback(ctx, *, compressor, compressor_kwargs=None, warmup=(),
+                    values=None, **kwargs):
+  """``warmup``: DGC-style sequence of compressor kwargs used over ``warmup_steps``.
+
+  ``values``: ``dict(name=<a format>, **its kwargs)`` sends the kept values of a
+  sparsifier in that low-precision format (``compression.compose``).
+  """
   kwargs.setdefault("key", ctx.seed)   # random compressors follow config.seed
-  make = getattr(compression, compressor, None)
-  if make is None or compressor not in ("top_k", "rand_k", "threshold", "lognormal",
-                                        "nm"):
+  known = _SPARSIFIERS + _FORMATS
+  if compressor not in known:
     raise ValueError(f"config.optimizer: error_feedback compressor {compressor!r} is "
-                     "not one of top_k, rand_k, threshold, lognormal, nm")
+                     f"not one of {', '.join(known)}")
+  make = getattr(compression, compressor)
   compressor_kwargs = dict(compressor_kwargs or {})
   if compressor == "nm" and "mask" not in kwargs:
     # N:M needs a kernel with its axis divisible by m: the rest is sent dense.
     kwargs["mask"] = sparsity.default_filter(compressor_kwargs["m"],
                                              axis=compressor_kwargs.get("axis", -2))
-  warmup_compressors = tuple(make(**dict(w)) for w in warmup)
-  return compression.error_feedback(make(**compressor_kwargs),
+  build = lambda kw: make(**dict(kw))
+  if values is not None:
+    values = dict(values)
+    name = values.pop("name", None)
+    if compressor not in _SPARSIFIERS or name not in _FORMATS:
+      raise ValueError(f"config.optimizer: error_feedback values={dict(values, name=name)!r} "
+                       f"needs a sparsifier ({', '.join(_SPARSIFIERS)}) and a format "
+                       f"name ({', '.join(_FORMATS)})")
+    quantizer = getattr(compression, name)(**values)
+    build = lambda kw: compression.compose(make(**dict(kw)), quantizer)
+  warmup_compressors = tuple(build(w) for w in warmup)
+  return compression.error_feedback(build(compressor_kwargs),
                                     warmup_compressors=warmup_compressors, **kwargs)
