@@ -103,7 +103,7 @@ CASES = [
          dict(compressor=rand_k(0.25), key=3, learning_rate=0.1),
          hyper=("learning_rate", 0.3)),
     Case("ef_threshold", sj.error_feedback,
-         dict(compressor=threshold(0.5), learning_rate=0.1),
+         dict(compressor=threshold(0.5, max_fraction=0.5), learning_rate=0.1),
          hyper=("learning_rate", 0.3)),
     Case("ef_lognormal", sj.error_feedback,
          dict(compressor=lognormal(0.75), learning_rate=0.1),

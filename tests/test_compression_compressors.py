@@ -164,9 +164,16 @@ def test_rand_k_rescaled_is_unbiased():
 
 def test_threshold_keeps_exactly_the_passing_entries():
   x = jax.random.normal(KEY, (500,))
-  _, dense = roundtrip(C.threshold(1.5), x)
+  _, dense = roundtrip(C.threshold(1.5, max_fraction=0.2), x)
   expect = np.where(np.abs(np.asarray(x)) >= 1.5, np.asarray(x), 0.0)
   np.testing.assert_array_equal(dense, expect)
+
+
+def test_threshold_default_buffer_keeps_the_largest_one_percent():
+  x = jax.random.normal(KEY, (5000,))
+  _, dense = roundtrip(C.threshold(1.5), x)     # ~13% pass, 50 slots
+  np.testing.assert_array_equal(dense, brute_top_k_dense(np.asarray(x), 50))
+  assert C.threshold(1.5).wire_bytes((5000,)) == 50 * 8
 
 
 # ------------------------------------------------------------ lognormal --

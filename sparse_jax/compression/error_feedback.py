@@ -141,8 +141,8 @@ class _Rule(NamedTuple):
   """One feedback variant: what a worker sends and what it keeps.
 
   ``send(g, memory, aux, opts) -> (p, aux)``: the tensor to compress (``g`` is
-  ``lr`` times the gradient) and the second memory after that (DGC's new
-  momentum). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
+  ``lr`` times the gradient) and what ``keep`` needs of the second memory
+  (DGC's new momentum; EControl's ``h`` and its un-sent new error). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
   residual)``: the memories after sending ``c = C(p)``, and ``p - c`` when
   the rule computes it (``None`` otherwise). ``absorb(memory, aux, lost)``:
   the memories after the exchange dropped ``lost`` from the mean step (a
@@ -175,11 +175,22 @@ def _dgc_keep(comp, p, c, memory, u, opts):
   return residual, comp.zero_where_sent(u, c), residual   # factor masking
 
 
-def _econtrol_keep(comp, p, c, e, h, opts):
-  # p - c = eta e + g - h - c, so e + g - h - c = (p - c) + (1 - eta) e.
-  residual = comp.add_to(p, c, -1.0)
-  new_e = residual + jnp.asarray(1.0 - opts["eta"], e.dtype) * e
-  return new_e, comp.add_to(h, c), residual
+def _econtrol_send(g, e, h, opts):
+  # One fused pass makes both p = eta e + g - h and base = e + g - h (the
+  # new error before the sent part is taken off). On a skipped step h is
+  # multiplied by 0 (g is already 0 and nothing is sent): p = eta e, base = e,
+  # so both memories stay as they were without an extra pass.
+  h_used = h * opts["finite"].astype(h.dtype)
+  base = e + g - h_used
+  p = base - jnp.asarray(1.0 - opts["eta"], e.dtype) * e
+  return p, (h, base)
+
+
+def _econtrol_keep(comp, p, c, e, aux, opts):
+  del p, e, opts
+  h, base = aux
+  # e <- e + g - h - c (in place, in base's buffer); h <- h + c.
+  return comp.add_to(base, c, -1.0), comp.add_to(h, c), None
 
 
 _RULES = {
@@ -197,10 +208,9 @@ _RULES = {
                   server=True, absorb=lambda h, a, lost: (h - lost, a)),
     # EControl: p = eta e + g - h_i; e <- e + g - h_i - c; h_i <- h_i + c;
     # the step is h <- h + mean c.
-    "econtrol": _Rule(
-        lambda g, e, h, o: (jnp.asarray(o["eta"], e.dtype) * e + g - h, h),
-        _econtrol_keep, server=True, aux="estimate", hold=True,
-        absorb=lambda e, h, lost: (e + lost, h - lost)),
+    "econtrol": _Rule(_econtrol_send, _econtrol_keep, server=True,
+                      aux="estimate",
+                      absorb=lambda e, h, lost: (e + lost, h - lost)),
     "dgc": _Rule(_dgc_send, _dgc_keep, aux="momentum", hold=True),
 }
 
@@ -608,7 +618,7 @@ def error_feedback(
       key = jax.random.fold_in(key, exchange.worker_index(axis_name))
 
     sign = -1.0 if learning_rate is not None else 1.0
-    opts = dict(momentum=momentum, eta=eta)
+    opts = dict(momentum=momentum, eta=eta, finite=finite)
     # What each worker compresses (and DGC's new momentum).
     sends = {i: rule.send(incoming[i], memory[i], aux[i], opts) for i in idx}
 
