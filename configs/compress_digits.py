@@ -29,6 +29,8 @@ distribution, Dirichlet(1) / Dirichlet(0.1) over the classes
 ``lr02`` (default 0.1). The heterogeneity study (3 seeds, 8 workers):
 
     python experiments/sweep.py --config=configs/compress_digits.py --variants="$(python configs/compress_digits.py hetero)" --workdir=workdirs/compress_hetero
+
+Low-precision formats, accuracy vs bytes (3 seeds): ``formats`` instead of ``hetero``.
 """
 
 import ml_collections
@@ -59,6 +61,12 @@ FEEDBACK = {"ef": "ef", "ef21": "ef21", "econtrol": "econtrol", "dgc": "dgc",
 HETERO = dict(methods=["noef", "ef", "ef21", "econtrol", "dgc"],
               compressors=["topk01", "topk1"], alphas=["", "alpha1", "alpha01"],
               lrs=["lr005", "lr02"])
+
+
+FORMATS_STUDY = ["dense", "fp8,ef", "fp8,noef", "fp8e5,ef", "fp8e5,noef", "lnfp8,ef",
+                 "lnfp8,noef", "fp4,ef", "fp4,noef", "topk1fp8,ef", "topk1fp8,noef",
+                 "topk1,ef", "topk01fp8,ef", "topk01,ef"]
+"""Accuracy vs bytes of the low-precision formats, with and without EF."""
 
 
 def hetero_variants() -> list[str]:
@@ -135,6 +143,7 @@ def get_config(arg=None):
 
 if __name__ == "__main__":   # prints a sweep's --variants list
   import sys
-  if sys.argv[1:] != ["hetero"]:
-    sys.exit("usage: python configs/compress_digits.py hetero")
-  print(";".join(hetero_variants()))
+  studies = {"hetero": hetero_variants, "formats": lambda: FORMATS_STUDY}
+  if len(sys.argv) != 2 or sys.argv[1] not in studies:
+    sys.exit("usage: python configs/compress_digits.py hetero|formats")
+  print(";".join(studies[sys.argv[1]]()))

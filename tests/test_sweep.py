@@ -45,6 +45,28 @@ def test_run_sweep_skips_completed_runs(tmp_path):
   assert len(saved["runs"]) == 6 and (tmp_path / "sweep.md").exists()
 
 
+def test_a_failed_run_is_a_result_not_a_crash(tmp_path, capsys):
+  from sparse_jax.training.runs import RunError
+
+  def flaky_run(config, workdir):
+    if config.variant == "bad" and config.seed == 1:
+      raise RunError("the loss was non-finite for 20 consecutive steps")
+    return {"status": "completed", "test_accuracy": 0.5 + 0.1 * config.seed}
+
+  def make(variant):
+    return ml_collections.ConfigDict({"variant": variant, "seed": -1})
+
+  summary = run_sweep(make, ["ok", "bad"], [0, 1, 2], str(tmp_path), run=flaky_run)
+  assert "failed: the loss was non-finite" in capsys.readouterr().out
+  bad = summary[1]
+  assert bad["failed"] == 1 and bad["seeds"] == 3
+  assert bad["test_accuracy"] == pytest.approx(0.6)   # seeds 0 and 2
+  assert "failed" not in summary[0]
+  saved = json.loads((tmp_path / "sweep.json").read_text())
+  assert [r["status"] for r in saved["runs"]].count("failed") == 1
+  assert "| bad | 3 (1 failed) |" in (tmp_path / "sweep.md").read_text()
+
+
 def test_unknown_runner():
   config = ml_collections.ConfigDict({"runner": "nope"})
   with pytest.raises(ValueError, match="config.runner='nope'"):

@@ -1,7 +1,11 @@
 """Runs a config over variants x seeds and tabulates mean +- std of the results.
 
 Each run lives in ``workdir/<variant>/seed_<k>`` and is an ordinary resumable run:
-rerunning a sweep skips completed runs and resumes interrupted ones. The sweep
+rerunning a sweep skips completed runs and resumes interrupted ones. A run that
+stops with a :class:`~sparse_jax.training.runs.RunError` (e.g. its loss diverged)
+is recorded as ``status: "failed"`` with its one-line error, counted in the
+summary's ``failed`` and left out of the means; the sweep goes on (a rerun retries
+it). The sweep
 prints one line per run (its metrics and wall time; the run's own progress
 lines and table are not shown) and the summary table.
 """
@@ -19,6 +23,7 @@ import numpy as np
 
 from sparse_jax.training.files import is_primary, write_json, write_text
 from sparse_jax.training.report import format_table
+from sparse_jax.training.runs import RunError
 
 RunFn = Callable[[Any, str], dict[str, Any]]
 
@@ -30,6 +35,9 @@ def summarize(rows: Sequence[dict[str, Any]], metrics: Sequence[str]
   for variant in dict.fromkeys(r["variant"] for r in rows):
     group = [r for r in rows if r["variant"] == variant]
     summary: dict[str, Any] = {"variant": variant, "seeds": len(group)}
+    failed = sum(r.get("status") == "failed" for r in group)
+    if failed:   # e.g. diverged (non-finite loss): no metrics, counted here
+      summary["failed"] = failed
     for metric in metrics:
       values = np.array([r[metric] for r in group if r.get(metric) is not None], float)
       if len(values):
@@ -52,7 +60,9 @@ def markdown_table(summary: Sequence[dict[str, Any]], metrics: Sequence[str], *,
         continue
       scale = 100.0 if m in percent else 1.0
       cells.append(f"{scale * row[m]:.4g} +- {scale * row[m + '_std']:.2g}")
-    lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    seeds = str(row["seeds"]) + (f" ({row['failed']} failed)" if row.get("failed")
+                                 else "")
+    lines.append(f"| {row['variant']} | {seeds} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -103,8 +113,14 @@ def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
         config.seed = int(seed)
         _say(f"{label} ...", end="")
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # one line per run
-          results = run(config, run_dir)
+        try:
+          with contextlib.redirect_stdout(io.StringIO()):  # one line per run
+            results = run(config, run_dir)
+        except RunError as e:   # e.g. diverged: a result of the sweep, not a crash
+          _say(f"  failed: {e}")
+          rows.append({"variant": variant, "seed": int(seed), "status": "failed",
+                       "error": str(e)})
+          continue
         done = f" {time.perf_counter() - t0:.0f} s"
       else:
         _say(label, end="")
