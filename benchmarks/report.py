@@ -70,6 +70,12 @@ SWEEP_COMMANDS = {
     "compress_digits": _sweep_command("compress_digits", "compress_digits"),
     "compress_teacher": _sweep_command("compress_digits", "compress_teacher",
                                        " --base=teacher"),
+    "compress_hetero": _sweep_command(
+        "compress_digits", "compress_hetero",
+        ' --variants="$(python configs/compress_digits.py hetero)"'),
+    "compress_formats": _sweep_command(
+        "compress_digits", "compress_formats",
+        ' --variants="$(python configs/compress_digits.py formats)"'),
     "cl_permuted_digits": _sweep_command("cl_permuted_digits", "cl_permuted_digits"),
     "cl_continuous_digits": _sweep_command("cl_permuted_digits", "cl_continuous_digits",
                                            " --base=continuous"),
@@ -389,6 +395,9 @@ class ResultsReport:
       return
     for name, data in self._sweeps(paths):
       s = _Summary(data)
+      if name == "compress_hetero":
+        self._hetero(s)
+        continue
       points, rows = [], []
       for v in s.variants:
         acc = s.get(v, "test_accuracy")
@@ -409,6 +418,38 @@ class ResultsReport:
         fig = _plot_bytes(points, title=name)
         self._image(self._save(fig, f"{name}_bytes_vs_accuracy.png"),
                     f"{name}: accuracy vs bytes")
+
+  def _hetero(self, s: _Summary) -> None:
+    """Methods x compressors (rows) by worker heterogeneity x learning rate."""
+    self._add("Heterogeneous workers: each of the 8 workers draws its label "
+              "distribution from Dirichlet(alpha) (alpha = inf: i.i.d.). Test "
+              "accuracy (%), mean +- std over the seeds; `failed k/n`: k runs "
+              "stopped on a non-finite loss (diverged).", "")
+    alphas = {"": "inf", "alpha1": "1", "alpha01": "0.1"}
+    lrs = {"lr005": "0.05", "lr02": "0.2"}
+    cols = [(a, l) for a in alphas for l in lrs]
+    row_keys = []
+    for v in s.variants:
+      parts = [p for p in v.split(",") if p not in alphas and p not in lrs]
+      key = ",".join(parts)
+      if key not in row_keys:
+        row_keys.append(key)
+    rows = []
+    for key in row_keys:
+      cells = [key]
+      for a, l in cols:
+        v = ",".join(filter(None, [key, a, l]))
+        mean, std, n = s.get(v, "test_accuracy")
+        failed = int(s.rows.get(v, {}).get("failed", 0) or 0)
+        total = s.seeds(v)
+        cell = _pm(mean, std, percent=True) if mean is not None else ""
+        if failed:
+          cell = (cell + " " if cell else "") + f"failed {failed}/{total}"
+        cells.append(cell)
+      rows.append(cells)
+    header = ["method"] + [f"alpha {alphas[a]}, lr {lrs[l]}" for a, l in cols]
+    self._add(*_md_table(header, rows))
+    self._add("")
 
   def _continual(self) -> None:
     self._add("## Continual learning", "")

@@ -49,7 +49,7 @@ def simulate(tx, params, batch, n, steps):
   return x, states
 
 
-@pytest.mark.parametrize("variant", ["ef", "ef21", "dgc", "none"])
+@pytest.mark.parametrize("variant", ["ef", "ef21", "econtrol", "dgc", "none"])
 def test_multi_device_equals_single_process_simulation(variant):
   params, batch = regression(N)
   mask = {"w": True, "b": False}
@@ -67,6 +67,9 @@ def test_multi_device_equals_single_process_simulation(variant):
   if variant != "none":   # per-device residuals == per-worker residuals
     np.testing.assert_allclose(s.local.memory["w"], ref_s.local.memory["w"],
                                rtol=2e-5, atol=1e-6)
+  if variant == "econtrol":
+    np.testing.assert_allclose(s.local.estimate["w"],
+                               ref_s.local.estimate["w"], rtol=2e-5, atol=1e-6)
     assert s.local.memory["w"].shape == (N, 16, 4)
     assert s.local.memory["w"].sharding.spec[0] == "data"
   np.testing.assert_allclose(metrics["error_ratio"],
@@ -395,3 +398,27 @@ def test_auto_picks_the_cheapest_collective():
       first = p1
     else:   # the same update either way
       np.testing.assert_allclose(p1["w"], first["w"], rtol=1e-5, atol=1e-7)
+
+
+def test_chosen_formats_are_logged_per_leaf():
+  rng = np.random.default_rng(3)
+  params = {"a": {"kernel": (rng.normal(size=(64, 32)) * 0.1).astype(np.float32)},
+            "b": np.zeros(32, np.float32)}
+  loss = lambda p, b: jnp.mean((b["x"] @ p["a"]["kernel"] + p["b"]) ** 2)
+  tx = C.error_feedback(C.lognormal_fp(8), learning_rate=0.1,
+                        axis_name="data", collective="all_gather")
+  dp = C.make_data_parallel_step(loss, tx, mesh_of(N))
+  p, s = dp.init(params)
+  b = dp.shard_batch({"x": rng.normal(size=(16, 64)).astype(np.float32)})
+  grads = jax.grad(loss)(params, jax.tree.map(np.asarray, {
+      "x": np.asarray(b["x"])[:2]}))
+  _, s, metrics = dp.step(p, s, b)
+  # Worker 0's kernel message is the whole tensor: its chosen split.
+  want = int(C.lognormal_fp(8).compress(grads["a"]["kernel"], None).scale[1])
+  assert float(np.asarray(s.local.exponent_bits["a"]["kernel"])[0]) == want
+  assert set(k for k in metrics if k.startswith("exponent_bits/")) == {
+      "exponent_bits/a/kernel", "exponent_bits/b"}
+  assert 1 <= float(metrics["exponent_bits/a/kernel"]) <= 7
+  fixed = C.error_feedback(C.top_k(0.1)).init(params)
+  assert all(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
+      fixed.local.exponent_bits, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))

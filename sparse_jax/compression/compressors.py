@@ -78,12 +78,16 @@ class Compressor(NamedTuple):
     fixed_layout: the message puts the same positions in the same places
       on every worker (a dense low-precision tensor), so workers' messages
       can be summed chunk by chunk (a reduce-scatter) instead of gathered.
+    format_of: low-precision formats: ``Compressed -> float32`` exponent
+      width of the message's format (what :func:`lognormal_fp` chose; error
+      feedback keeps it in ``local.exponent_bits`` for logging).
   """
   compress: Callable[[jax.Array, jax.Array], Compressed]
   flat_indices: Callable[[jax.Array, Sequence[int]], jax.Array]
   name: str
   decode: Callable[[Compressed], jax.Array] | None = None
   fixed_layout: bool = False
+  format_of: Callable[[Compressed], jax.Array] | None = None
 
   def values_of(self, compressed: Compressed, count: int) -> jax.Array:
     """The (decoded) values of ``compressed``: ``count`` on the last axis."""
@@ -617,7 +621,8 @@ def fp_quantize(exponent_bits: int, mantissa_bits: int, *,
     s = jnp.float32(fixed) if fixed is not None else c.scale[..., None]
     return values * s
 
-  return Compressor(compress, _flat_identity, name, decode, True)
+  return Compressor(compress, _flat_identity, name, decode, True,
+                    lambda c: jnp.float32(e))
 
 
 def fp4(*, rounding: str = "stochastic") -> Compressor:
@@ -724,7 +729,8 @@ def lognormal_fp(bits: int = 8, *, rounding: str = "nearest",
     values = _codes_values(c.values, e, bits - 1 - e, 2, packed)
     return values * c.scale[..., 0:1]
 
-  return Compressor(compress, _flat_identity, name, decode, True)
+  return Compressor(compress, _flat_identity, name, decode, True,
+                    lambda c: jnp.mean(c.scale[..., 1]))
 
 
 def compose(sparsifier: Compressor, quantizer: Compressor) -> Compressor:
@@ -767,4 +773,4 @@ def compose(sparsifier: Compressor, quantizer: Compressor) -> Compressor:
     return Compressed(q.values, c.indices, q.scale)
 
   return Compressor(compress, sparsifier.flat_indices, name, quantizer.decode,
-                    False)
+                    False, quantizer.format_of)

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sparse_jax._core import trees
 from sparse_jax.compression import wire
 
 PyTree = Any
@@ -54,7 +55,9 @@ class DataParallelStep(NamedTuple):
       jitted; ``batch`` is a global batch (e.g. from ``shard_batch``).
       ``metrics``: ``loss`` (mean over workers), ``bytes_sent``,
       ``bytes_received``, ``bytes_dense`` (per device, this step) and, with
-      error feedback, ``error_ratio`` (mean over workers).
+      error feedback, ``error_ratio`` (mean over workers) and, for
+      low-precision formats, ``exponent_bits/<leaf>`` (the format's
+      exponent width, e.g. what ``lognormal_fp`` chose).
     shard_batch: host batch (full, the same on every process) -> global
       batch sharded over the data axis.
     num_workers: the size of the data axis.
@@ -99,6 +102,21 @@ def _map_local(fn, opt_state):
       lambda node: node._replace(local=jax.tree.map(fn, node.local))
       if is_compressing_state(node) else node,
       opt_state, is_leaf=is_compressing_state)
+
+
+def _format_metrics(states, axis_name) -> dict[str, jax.Array]:
+  """``exponent_bits/<leaf>``: the format each leaf was sent in (mean over
+  workers), for compressors that choose it (``lognormal_fp``)."""
+  out = {}
+  for state in states:
+    bits = getattr(state.local, "exponent_bits", None)
+    if bits is None:
+      continue
+    for path, value in trees.flatten(bits)[0]:
+      if not trees.is_masked(value):
+        name = "/".join(trees.leaf_names(path))
+        out[f"exponent_bits/{name}"] = jax.lax.pmean(value, axis_name)
+  return out
 
 
 def _place(x, sharding):
@@ -199,6 +217,7 @@ def make_data_parallel_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
           "bytes_received": sum(s.wire.received for s in new_ef),
           "bytes_dense": sum(s.wire.dense for s in new_ef) / len(new_ef),
       }
+      metrics.update(_format_metrics(new_ef, axis_name))
     else:
       dense = float(sum(wire.ring_all_reduce_bytes(
           x.size * x.dtype.itemsize, n) for x in jax.tree.leaves(grads)))

@@ -126,12 +126,17 @@ class WorkerLocal(NamedTuple):
       held a NaN or inf (see "Non-finite gradients" in the module docstring).
     estimate: ``"econtrol"``: the worker's gradient estimate ``h_i`` (its
       ``memory`` is the error ``e_i``); otherwise empty.
+    exponent_bits: low-precision formats (``Compressor.format_of``): per
+      compressed leaf, the float32 exponent width of the last message's
+      format (mean over chunks; what ``lognormal_fp`` chose); otherwise
+      empty.
   """
   memory: Any
   momentum: Any
   error_ratio: jax.Array
   skipped: Any = None
   estimate: Any = None
+  exponent_bits: Any = None
 
 
 _AUX_FIELDS = ("momentum", "estimate")
@@ -533,7 +538,11 @@ def error_feedback(
             memory=compressed() if variant != "none" else empty(),
             momentum=compressed() if variant == "dgc" else empty(),
             error_ratio=zero(), skipped=jnp.zeros((), jnp.int32),
-            estimate=compressed() if variant == "econtrol" else empty()))
+            estimate=compressed() if variant == "econtrol" else empty(),
+            exponent_bits=jax.tree.unflatten(treedef, [
+                jnp.zeros((), jnp.float32)
+                if f and not gone and compressor.format_of is not None
+                else _MASKED for f, gone in zip(flags, absent)])))
 
   def routes_for(comp, leaves, flags, n):
     """The exchange route of every compressed leaf (None elsewhere)."""
@@ -626,7 +635,7 @@ def error_feedback(
 
     def compress_and_exchange(level_routes):
       """Per compressed leaf: new memory, new aux memory, the step."""
-      new_mem, new_aux, step_part, unsent_sq = [], [], [], []
+      new_mem, new_aux, step_part, unsent_sq, bits = [], [], [], [], []
       for i in idx:
         p, a = sends[i]
         rt = level_routes[i]
@@ -635,6 +644,9 @@ def error_feedback(
         c = comp.compress(p, leaf_key)
         c = c._replace(values=jnp.where(finite, c.values,
                                         jnp.zeros((), c.values.dtype)))
+        if compressor.format_of is not None:   # logged: the format used
+          bits.append(jnp.float32(-1.0) if comp.format_of is None
+                      else comp.format_of(c).astype(jnp.float32))
         m, a, residual = rule.keep(comp, p, c, memory[i], a, opts)
         new_mem.append(m)
         new_aux.append(a)
@@ -657,15 +669,15 @@ def error_feedback(
                                                  lost)
         step_part.append(step)
       return (new_mem, new_aux, step_part,
-              sum(unsent_sq, jnp.zeros((), jnp.float32)))
+              sum(unsent_sq, jnp.zeros((), jnp.float32)), bits)
 
     if len(levels) == 1:
       level = jnp.zeros((), jnp.int32)
-      kept_back, kept_aux, step_part, unsent_sq = compress_and_exchange(
+      kept_back, kept_aux, step_part, unsent_sq, bits = compress_and_exchange(
           routes[0])
     else:
       level = jnp.minimum(count // warmup_steps, len(levels) - 1)
-      kept_back, kept_aux, step_part, unsent_sq = jax.lax.switch(
+      kept_back, kept_aux, step_part, unsent_sq, bits = jax.lax.switch(
           level, [functools.partial(compress_and_exchange, r) for r in routes])
 
     out = [None] * len(grads)
@@ -726,7 +738,10 @@ def error_feedback(
         local=WorkerLocal(memory=unflat(new_memory),
                           error_ratio=ratio.astype(jnp.float32),
                           skipped=state.local.skipped
-                          + (~finite).astype(jnp.int32), **local_aux))
+                          + (~finite).astype(jnp.int32), **local_aux,
+                          exponent_bits=(trees.replace(
+                              state.local.exponent_bits, idx, bits) if bits
+                                         else state.local.exponent_bits)))
     return unflat(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

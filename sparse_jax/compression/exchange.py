@@ -134,7 +134,7 @@ def chunked(comp, num_workers: int):
     return rows.reshape(rows.shape[:-2] + (-1,))
 
   return Compressor(compress, comp.flat_indices, f"chunked({comp.name})",
-                    decode, True)
+                    decode, True, comp.format_of)
 
 
 def _as_key(key):
