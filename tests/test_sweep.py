@@ -67,6 +67,21 @@ def test_a_failed_run_is_a_result_not_a_crash(tmp_path, capsys):
   assert "| bad | 3 (1 failed) |" in (tmp_path / "sweep.md").read_text()
 
 
+def test_a_preempted_run_stops_the_sweep(tmp_path, capsys):
+  calls = []
+
+  def run(config, workdir):
+    calls.append((config.variant, config.seed))
+    status = "preempted" if len(calls) == 2 else "completed"
+    return {"status": status, "test_accuracy": 0.5}
+
+  make = lambda v: ml_collections.ConfigDict({"variant": v, "seed": -1})
+  run_sweep(make, ["a", "b"], [0, 1, 2], str(tmp_path), run=run)
+  assert calls == [("a", 0), ("a", 1)]
+  assert "the sweep stops here" in capsys.readouterr().out
+  assert not (tmp_path / "sweep.json").exists()
+
+
 def test_unknown_runner():
   config = ml_collections.ConfigDict({"runner": "nope"})
   with pytest.raises(ValueError, match="config.runner='nope'"):

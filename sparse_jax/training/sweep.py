@@ -5,7 +5,8 @@ rerunning a sweep skips completed runs and resumes interrupted ones. A run that
 stops with a :class:`~sparse_jax.training.runs.RunError` (e.g. its loss diverged)
 is recorded as ``status: "failed"`` with its one-line error, counted in the
 summary's ``failed`` and left out of the means; the sweep goes on (a rerun retries
-it). The sweep
+it). A run preempted by SIGTERM checkpoints and the sweep stops there (before, it
+went on to the next run, so a killed sweep kept running); rerunning resumes it. The sweep
 prints one line per run (its metrics and wall time; the run's own progress
 lines and table are not shown) and the summary table.
 """
@@ -121,6 +122,9 @@ def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
           rows.append({"variant": variant, "seed": int(seed), "status": "failed",
                        "error": str(e)})
           continue
+        if results.get("status") == "preempted":   # SIGTERM: the job is ending
+          _say("  preempted (SIGTERM): the sweep stops here; rerun it to resume")
+          return summarize(rows, metrics)
         done = f" {time.perf_counter() - t0:.0f} s"
       else:
         _say(label, end="")
