@@ -27,7 +27,6 @@ an empty index array (the structured form ``flat_indices`` expands).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
@@ -525,11 +524,13 @@ def nm(n: int, m: int, *, axis: int = -2) -> Compressor:
 # ------------------------------------------------- low-precision formats --
 
 
-def _codes_message(y, e, m, radix, rounding, key, name):
+def _codes_message(y, e, m, radix, rounding, key, name, packed=None):
   """uint8 codes of ``y`` (float32, already scaled); 4-bit codes packed."""
   rkey = keys.as_key(key, who=name) if rounding == "stochastic" else None
   codes = formats.encode(y, e, m, radix=radix, rounding=rounding, key=rkey)
-  return formats.pack4(codes) if 1 + e + m <= 4 else codes
+  if packed is None:
+    packed = 1 + e + m <= 4
+  return formats.pack4(codes) if packed else codes
 
 
 def _codes_values(values, e, m, radix, packed: bool):
@@ -709,18 +710,13 @@ def lognormal_fp(bits: int = 8, *, rounding: str = "nearest",
     stride = max(1, flat.shape[0] // int(sample_size))
     fit = lognormal_math.fit_lognormal(flat[::stride])
     amax = jnp.max(jnp.abs(flat)).astype(jnp.float32)
-    e, _ = formats.choose_split(fit.mu, fit.sigma,
+    e, m = formats.choose_split(fit.mu, fit.sigma,
                                 jnp.log(jnp.maximum(amax, 1e-38)), bits)
-
-    def branch(width):   # one static format per exponent width
-      s = jnp.where(amax > 0, amax / formats.max_value(width, bits - 1 - width),
-                    1.0).astype(jnp.float32)
-      codes = _codes_message(flat / s, width, bits - 1 - width, 2, rounding,
-                             key, name)
-      return codes, s
-
-    codes, s = jax.lax.switch(e - 1, [functools.partial(branch, w)
-                                      for w in range(1, bits)])
+    # One encode with the chosen (traced) split: no branch per format, so it
+    # also vectorises (a reduce-scatter encodes chunks under vmap).
+    s = jnp.where(amax > 0, amax / formats.max_value(e, m), 1.0).astype(
+        jnp.float32)
+    codes = _codes_message(flat / s, e, m, 2, rounding, key, name, packed)
     return Compressed(codes, jnp.zeros((0,), _INDEX_DTYPE),
                       jnp.stack([s, e.astype(jnp.float32)]))
 

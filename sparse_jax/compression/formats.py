@@ -113,11 +113,12 @@ def hash_bits(key, shape) -> jax.Array:
   return x.reshape(shape)
 
 
-def encode(y: jax.Array, e: int, m: int, *, radix: int = 2,
+def encode(y: jax.Array, e, m, *, radix: int = 2,
            rounding: str = "nearest", key=None) -> jax.Array:
   """uint8 codes (sign | exponent | mantissa) of ``y`` rounded to the format.
 
-  ``y`` is float32, already scaled; ``e``, ``m`` are Python ints. Works on
+  ``y`` is float32, already scaled; ``e``, ``m`` are ints (radix 2: or
+  traced int32 scalars, e.g. a split chosen per tensor). Works on
   the float32 bit pattern (integer adds and shifts, one pass): rounding the
   mantissa to ``m`` bits carries into the exponent by itself; values in the
   format's subnormal band are rounded on their fixed grid; codes saturate at
@@ -130,26 +131,29 @@ def encode(y: jax.Array, e: int, m: int, *, radix: int = 2,
   mag = bits & _u32(0x7FFFFFFF)
   a = jax.lax.bitcast_convert_type(mag, jnp.float32)
   rand = hash_bits(key, y.shape) if rounding == "stochastic" else None
-  bias = (1 << (e - 1)) - 1 if radix == 2 else (1 << e) - 1
-  if radix == 2:
+  if radix == 2:          # e, m may be traced: integer ops on arrays
+    e, m = _i32(e), _i32(m)
+    bias = _bias(e, 2)
     emin = 1 - bias
-    drop = 23 - m
-    low = (1 << drop) - 1
+    drop = (23 - m).astype(jnp.uint32)
+    low = (_u32(1) << drop) - _u32(1)
     if rand is None:     # nearest, ties to even
-      r = mag + _u32(low >> 1) + ((mag >> drop) & _u32(1))
+      r = mag + (low >> _u32(1)) + ((mag >> drop) & _u32(1))
     else:                # stochastic: add uniform bits below the kept ones
-      r = mag + (rand & _u32(low))
+      r = mag + (rand & low)
     normal = (r >> drop).astype(jnp.int32) - ((127 - bias) << m)
-    sub_scaled = a * np.float32(2.0 ** (m - emin))   # exact (power of 2)
+    # Exact: a power-of-two scalar (an ldexp of the whole array is slow).
+    sub_scaled = a * jnp.ldexp(jnp.float32(1.0), m - emin)
     if rand is None:
       sub = jnp.round(sub_scaled)
     else:
       u = (rand >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)
       sub = jnp.floor(sub_scaled + u)
-    code = jnp.where(mag >= _u32((127 + emin) << 23), normal,
+    code = jnp.where(mag >= ((127 + emin) << 23).astype(jnp.uint32), normal,
                      sub.astype(jnp.int32))
     code = jnp.clip(code, 0, (1 << (e + m)) - 1)
   else:                  # radix 4, levels 4**k, k = kmin .. 0
+    bias = (1 << e) - 1
     kmin = 1 - bias
     k = jnp.clip(((mag >> 23).astype(jnp.int32) - 127) >> 1, kmin, 0)
     lo = _f32_bits(2 * k)
