@@ -17,7 +17,7 @@ Compressors (variants): ``dense`` (all-reduce), ``topk1`` / ``topk01`` (top 1% /
 0.1% per tensor), ``randk1`` (random 1%), ``lognormal1`` (lognormal threshold at 99%
 sparsity), ``nm14`` (1:4 N:M); low-precision formats, every value sent:
 ``fp8`` (e4m3), ``fp8e5`` (e5m2), ``lnfp8`` (8-bit, split chosen per tensor from the
-lognormal fit), ``fp4`` (radix-4 FP4, stochastic rounding); and ``topk1fp8`` /
+lognormal fit), ``fp4`` / ``fp4n`` (radix-4 FP4, stochastic / nearest rounding); and ``topk1fp8`` /
 ``topk01fp8`` (top-k values sent as e4m3). Feedback: ``ef`` (EF14 memory), ``ef21``,
 ``econtrol``, ``dgc`` (momentum correction, factor masking, clipping, warm-up 75% ->
 the target over the first 400 steps), ``noef`` (drop what is not sent); ``dgc01`` is
@@ -50,6 +50,7 @@ COMPRESSORS = {
                   compressor_kwargs=dict(exponent_bits=5, mantissa_bits=2)),
     "lnfp8": dict(compressor="lognormal_fp", compressor_kwargs=dict(bits=8)),
     "fp4": dict(compressor="fp4", compressor_kwargs=dict(rounding="stochastic")),
+    "fp4n": dict(compressor="fp4", compressor_kwargs=dict(rounding="nearest")),
     "topk1fp8": dict(compressor="top_k", compressor_kwargs=dict(fraction=0.01),
                      values=dict(name="fp_quantize", exponent_bits=4, mantissa_bits=3)),
     "topk01fp8": dict(compressor="top_k", compressor_kwargs=dict(fraction=0.001),
@@ -64,7 +65,7 @@ HETERO = dict(methods=["noef", "ef", "ef21", "econtrol", "dgc"],
 
 
 FORMATS_STUDY = ["dense", "fp8,ef", "fp8,noef", "fp8e5,ef", "fp8e5,noef", "lnfp8,ef",
-                 "lnfp8,noef", "fp4,ef", "fp4,noef", "topk1fp8,ef", "topk1fp8,noef",
+                 "lnfp8,noef", "fp4,ef", "fp4,noef", "fp4n,ef", "fp4n,noef", "topk1fp8,ef", "topk1fp8,noef",
                  "topk1,ef", "topk01fp8,ef", "topk01,ef"]
 """Accuracy vs bytes of the low-precision formats, with and without EF."""
 

@@ -568,8 +568,9 @@ def fp_quantize(exponent_bits: int, mantissa_bits: int, *,
   Args:
     exponent_bits: ``e >= 1``.
     mantissa_bits: ``m >= 0``; ``1 + e + m <= 8``.
-    rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased
-      within the range; needs the key error feedback passes).
+    rounding: ``"nearest"`` (ties to even; contractive, the choice with
+      error feedback) or ``"stochastic"`` (unbiased within the range, the
+      choice without error feedback; needs the key error feedback passes).
     scale: ``"max"`` (default: max |x| maps to the format's largest value,
       nothing saturates), a positive float (fixed: ``x / scale`` is rounded,
       nothing extra is sent) or ``None`` (no scaling).
@@ -633,6 +634,12 @@ def fp4(*, rounding: str = "stochastic") -> Compressor:
   ``j = 0..6``, and 0, with ``s = max |x|`` per tensor (the adaptive
   per-layer gradient scale). Stochastic rounding by default (unbiased between
   neighbouring levels), as the paper uses for gradients; two codes per byte.
+  Stochastic rounding is unbiased but not contractive (a value far below the
+  smallest level becomes that level with a small probability: an error much
+  larger than the value), so use it WITHOUT error feedback
+  (``variant="none"``); with error feedback use ``rounding="nearest"``: EF
+  with stochastic FP4 diverged within 50 steps on compress_digits
+  (docs/RESULTS.md, compress_formats).
   (The paper's two-phase rounding, which shifts the grid by a factor 2 for
   the two backward GEMMs, is about the backward pass's matmuls, not a message
   format, and is not modelled.)

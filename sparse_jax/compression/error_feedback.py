@@ -54,9 +54,13 @@ which): sparse ``(values, indices)`` are all-gathered and scatter-ADDED;
 dense low-precision messages (``fp_quantize``, ``fp4``, ``lognormal_fp``) go
 by reduce-scatter: device ``j`` receives chunk ``j`` of every worker's
 message, sums them exactly, re-encodes the mean chunk in the same format and
-all-gathers it (8-bit: 1/4 of an fp32 ring all-reduce); the re-encoding error
-goes back into the owner's memory (times ``n``), so the invariants below
-still hold (not for ``"none"``, which has no memory); and where neither saves
+all-gathers it (8-bit: 1/4 of an fp32 ring all-reduce). The re-encoding has
+its own error feedback (the server side of bidirectional compression): device
+``j`` keeps what it dropped in ``local.server_error`` and adds it to its next
+mean chunk, so for EF nothing is lost either:
+``n (x_0 - x_T) + sum_i e_i + n s = lr sum_t sum_i g_i,t`` with ``s`` the
+devices' server errors summed. (Putting that error into a worker's own memory
+instead, times ``n``, diverged with FP4.) Where neither saves
 bytes (e.g. N:M 2:4 at 8 workers) each worker decompresses and the result is
 all-reduced densely. Leaves excluded by ``mask`` are averaged with a dense
 all-reduce. :func:`~sparse_jax.compression.make_data_parallel_step` lays out
@@ -130,6 +134,11 @@ class WorkerLocal(NamedTuple):
       compressed leaf, the float32 exponent width of the last message's
       format (mean over chunks; what ``lognormal_fp`` chose); otherwise
       empty.
+    server_error: fixed-layout (low-precision) compressors under
+      ``collective="auto"``/``"reduce_scatter"``: per compressed leaf, this
+      device's error-feedback memory of the re-encoding of the mean chunk it
+      owns (shaped like the leaf; only its chunk is non-zero); otherwise
+      empty.
   """
   memory: Any
   momentum: Any
@@ -137,6 +146,7 @@ class WorkerLocal(NamedTuple):
   skipped: Any = None
   estimate: Any = None
   exponent_bits: Any = None
+  server_error: Any = None
 
 
 _AUX_FIELDS = ("momentum", "estimate")
@@ -149,9 +159,7 @@ class _Rule(NamedTuple):
   ``lr`` times the gradient) and what ``keep`` needs of the second memory
   (DGC's new momentum; EControl's ``h`` and its un-sent new error). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
   residual)``: the memories after sending ``c = C(p)``, and ``p - c`` when
-  the rule computes it (``None`` otherwise). ``absorb(memory, aux, lost)``:
-  the memories after the exchange dropped ``lost`` from the mean step (a
-  reduce-scatter's re-encoding), keeping the invariant. ``server``: the step is the
+  the rule computes it (``None`` otherwise). ``server``: the step is the
   server estimate ``h <- h + mean_i c_i``. ``aux``: the ``WorkerLocal`` field
   of the second memory. ``hold``: the memories must be restored explicitly
   on a skipped step (a zero gradient still moves them).
@@ -161,7 +169,6 @@ class _Rule(NamedTuple):
   server: bool = False
   aux: str | None = None
   hold: bool = False
-  absorb: Any = lambda memory, aux, lost: (memory + lost, aux)
 
 
 def _residual_rule(comp, p, c, memory, aux, opts):
@@ -205,17 +212,15 @@ _RULES = {
     "ef": _Rule(lambda g, e, a, o: (jax.lax.optimization_barrier(e + g), a),
                 _residual_rule),
     "none": _Rule(lambda g, e, a, o: (g, a),
-                  lambda comp, p, c, e, a, o: (e, a, None),
-                  absorb=lambda e, a, lost: (e, a)),   # no memory: lost
+                  lambda comp, p, c, e, a, o: (e, a, None)),
     # EF21: p = g - h_i; h_i <- h_i + c; the step is h <- h + mean c.
     "ef21": _Rule(lambda g, h, a, o: (g - h, a),
                   lambda comp, p, c, h, a, o: (comp.add_to(h, c), a, None),
-                  server=True, absorb=lambda h, a, lost: (h - lost, a)),
+                  server=True),
     # EControl: p = eta e + g - h_i; e <- e + g - h_i - c; h_i <- h_i + c;
     # the step is h <- h + mean c.
     "econtrol": _Rule(_econtrol_send, _econtrol_keep, server=True,
-                      aux="estimate",
-                      absorb=lambda e, h, lost: (e + lost, h - lost)),
+                      aux="estimate"),
     "dgc": _Rule(_dgc_send, _dgc_keep, aux="momentum", hold=True),
 }
 
@@ -495,6 +500,10 @@ def error_feedback(
   levels = warmup_compressors + (compressor,)
   checks.check_choice(collective, "collective", exchange.COLLECTIVES,
                       who="error_feedback")
+  # A reduce-scatter re-encodes the mean chunk: its error memory lives in the
+  # state (full-size per leaf; each device uses its own chunk).
+  reduce_scatter_possible = collective in ("auto", "reduce_scatter") and any(
+      comp.fixed_layout for comp in levels)
   if collective == "reduce_scatter":
     for comp in levels:
       if not comp.fixed_layout:
@@ -542,7 +551,9 @@ def error_feedback(
             exponent_bits=jax.tree.unflatten(treedef, [
                 jnp.zeros((), jnp.float32)
                 if f and not gone and compressor.format_of is not None
-                else _MASKED for f, gone in zip(flags, absent)])))
+                else _MASKED for f, gone in zip(flags, absent)]),
+            server_error=(compressed() if reduce_scatter_possible
+                          else empty())))
 
   def routes_for(comp, leaves, flags, n):
     """The exchange route of every compressed leaf (None elsewhere)."""
@@ -632,10 +643,13 @@ def error_feedback(
     sends = {i: rule.send(incoming[i], memory[i], aux[i], opts) for i in idx}
 
     routes = [routes_for(comp, grads, flags, n) for comp in levels]
+    server_err = treedef.flatten_up_to(state.local.server_error)
+    server_err = [None if trees.is_masked(s) else s for s in server_err]
 
     def compress_and_exchange(level_routes):
       """Per compressed leaf: new memory, new aux memory, the step."""
       new_mem, new_aux, step_part, unsent_sq, bits = [], [], [], [], []
+      server_errs = []
       for i in idx:
         p, a = sends[i]
         rt = level_routes[i]
@@ -661,23 +675,22 @@ def error_feedback(
         # scatter (no extra dense pass).
         base = (server[i] if rule.server
                 else jnp.zeros(p.shape, p.dtype))  # not zeros_like: p varies
-        step, lost = exchange.mean_into(
+        step, s_err = exchange.mean_into(
             rt, c, base, 1.0 if rule.server else sign, axis_name, n,
-            key=leaf_key)
-        if lost is not None:
-          new_mem[-1], new_aux[-1] = rule.absorb(new_mem[-1], new_aux[-1],
-                                                 lost)
+            key=leaf_key, server_error=server_err[i])
+        server_errs.append(s_err)
         step_part.append(step)
       return (new_mem, new_aux, step_part,
-              sum(unsent_sq, jnp.zeros((), jnp.float32)), bits)
+              sum(unsent_sq, jnp.zeros((), jnp.float32)), bits, server_errs)
 
     if len(levels) == 1:
       level = jnp.zeros((), jnp.int32)
-      kept_back, kept_aux, step_part, unsent_sq, bits = compress_and_exchange(
-          routes[0])
+      (kept_back, kept_aux, step_part, unsent_sq, bits,
+       server_errs) = compress_and_exchange(routes[0])
     else:
       level = jnp.minimum(count // warmup_steps, len(levels) - 1)
-      kept_back, kept_aux, step_part, unsent_sq, bits = jax.lax.switch(
+      (kept_back, kept_aux, step_part, unsent_sq, bits,
+       server_errs) = jax.lax.switch(
           level, [functools.partial(compress_and_exchange, r) for r in routes])
 
     out = [None] * len(grads)
@@ -741,7 +754,12 @@ def error_feedback(
                           + (~finite).astype(jnp.int32), **local_aux,
                           exponent_bits=(trees.replace(
                               state.local.exponent_bits, idx, bits) if bits
-                                         else state.local.exponent_bits)))
+                                         else state.local.exponent_bits),
+                          server_error=trees.replace(
+                              state.local.server_error, idx,
+                              [s if s is not None else old for s, old in zip(
+                                  server_errs, trees.gather(
+                                      state.local.server_error, idx))])))
     return unflat(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -106,16 +106,18 @@ def route(comp, shape, dtype, num_workers: int, collective: str = "auto"
     raise ValueError(f"collective={collective!r} needs a fixed-layout "
                      f"compressor (a dense low-precision format such as "
                      f"fp_quantize), not {comp.name}")
-  worker = chunked(comp, n) if collective == "reduce_scatter" else comp
+  worker = chunked(comp, n, size) if collective == "reduce_scatter" else comp
   return Route(collective, float(options[collective]), worker, comp)
 
 
-def chunked(comp, num_workers: int):
-  """``comp`` applied to each of ``n`` equal chunks of the flat tensor.
+def chunked(comp, num_workers: int, size: int):
+  """``comp`` applied to each of ``n`` equal chunks of a flat tensor of ``size``.
 
   The message has a leading chunk axis (each chunk with its own scale), so
   chunk ``j`` of every worker can be sent to device ``j``; decoding gives the
-  flat (padded) tensor. Dense form: ``flat_indices`` is the identity.
+  flat (padded) tensor: each row trimmed to the chunk length first (a row of
+  packed 4-bit codes of odd length carries one padding code). Dense form:
+  ``flat_indices`` is the identity.
   """
   from sparse_jax.compression.compressors import Compressor  # pylint: disable=g-import-not-at-top
   from sparse_jax.compression.compressors import Compressed  # pylint: disable=g-import-not-at-top
@@ -129,8 +131,10 @@ def chunked(comp, num_workers: int):
     c = jax.vmap(comp.compress)(rows, keys)
     return Compressed(c.values, jnp.zeros((0,), jnp.int32), c.scale)
 
+  chunk = -(-int(size) // n)
+
   def decode(c):
-    rows = comp.decode(c)       # (..., n, chunk)
+    rows = comp.decode(c)[..., :chunk]       # (..., n, chunk)
     return rows.reshape(rows.shape[:-2] + (-1,))
 
   return Compressor(compress, comp.flat_indices, f"chunked({comp.name})",
@@ -143,38 +147,46 @@ def _as_key(key):
 
 
 def mean_into(rt: Route, compressed, base, scale, axis_name, num_workers,
-              key=None):
-  """``(base + scale * mean_i decompress(c_i), lost)`` over ``axis_name``.
+              key=None, server_error=None):
+  """``(base + scale * mean_i decompress(c_i), server_error)`` over ``axis_name``.
 
   The one exchange every compressing transform uses. With ``axis_name=None``
   (one worker) it is ``rt.compressor.add_to(base, compressed, scale)``.
-  Otherwise by ``rt.collective``; ``lost`` is ``None`` except for
-  ``reduce_scatter``, whose mean chunk is re-encoded on its device: ``lost``
-  is then ``n`` times that rounding error on this device's chunk (zero
-  elsewhere), to be put back into this worker's memory so that nothing is
-  lost (the error-feedback invariant keeps holding).
+  Otherwise by ``rt.collective``. For ``reduce_scatter`` the mean chunk is
+  re-encoded on the device that owns it, with its own error feedback (the
+  server side of bidirectional compression): ``server_error`` (an array
+  shaped like ``base``; this device uses only its own chunk of it) is added
+  to the mean chunk before re-encoding, and what the re-encoding drops is
+  returned as the new ``server_error``. Other collectives return it as is.
   """
   comp, n = rt.compressor, num_workers
   if axis_name is None:
-    return comp.add_to(base, compressed, scale), None
+    return comp.add_to(base, compressed, scale), server_error
   if rt.collective == "all_gather":
     gathered = all_gather(compressed, axis_name)
-    return comp.add_to(base, gathered, scale / n), None
+    return comp.add_to(base, gathered, scale / n), server_error
   if rt.collective == "all_reduce":
     dense = comp.add_to(jnp.zeros(base.shape, jnp.promote_types(
         base.dtype, jnp.float32)), compressed)
     return base + (jax.lax.pmean(dense, axis_name)
-                   * jnp.asarray(scale, dense.dtype)).astype(base.dtype), None
+                   * jnp.asarray(scale, dense.dtype)).astype(base.dtype), (
+                       server_error)
   # reduce_scatter: device j receives chunk j of every worker's message,
-  # sums them (exactly, in float32), re-encodes the mean chunk and all-gathers
-  # the chunks.
+  # sums them (exactly, in float32), adds its server error, re-encodes the
+  # mean chunk and all-gathers the chunks.
   inner = rt.inner
   size = base.size
   received = compressed._replace(**{
       f: jax.lax.all_to_all(getattr(compressed, f), axis_name, 0, 0)
       for f in ("values", "scale") if getattr(compressed, f) is not None})
   chunk = -(-size // n)
+  me = worker_index(axis_name) * chunk
   mean = jnp.sum(inner.decode(received)[..., :chunk], 0) / n
+  padded = None
+  if server_error is not None:
+    padded = jnp.pad(server_error.reshape(-1).astype(jnp.float32),
+                     (0, n * chunk - size))
+    mean = mean + jax.lax.dynamic_slice(padded, (me,), (chunk,))
   key = jax.random.fold_in(_as_key(0 if key is None else key), 1 << 20)
   requant = inner.compress(mean, jax.random.fold_in(key, worker_index(
       axis_name)))
@@ -182,11 +194,11 @@ def mean_into(rt: Route, compressed, base, scale, axis_name, num_workers,
   flat = inner.decode(gathered)[..., :chunk].reshape(-1)[:size]
   step = base + (flat.reshape(base.shape) * jnp.asarray(scale, flat.dtype)
                  ).astype(base.dtype)
-  err = mean - inner.decode(requant)[:chunk]
-  lost = jax.lax.dynamic_update_slice(
-      jnp.zeros((n * chunk,), err.dtype), n * err,
-      (worker_index(axis_name) * chunk,))[:size].reshape(base.shape)
-  return step, lost
+  if padded is not None:
+    dropped = mean - inner.decode(requant)[:chunk]
+    server_error = jax.lax.dynamic_update_slice(padded, dropped, (me,))[
+        :size].reshape(base.shape).astype(server_error.dtype)
+  return step, server_error
 
 
 def dense_mean(x: jax.Array, axis_name) -> jax.Array:
