@@ -636,9 +636,9 @@ def fp4(*, rounding: str = "stochastic") -> Compressor:
   neighbouring levels), as the paper uses for gradients; two codes per byte.
   Stochastic rounding is unbiased but not contractive (a value far below the
   smallest level becomes that level with a small probability: an error much
-  larger than the value), so use it WITHOUT error feedback
-  (``variant="none"``); with error feedback use ``rounding="nearest"``: EF
-  with stochastic FP4 diverged within 50 steps on compress_digits
+  larger than the value), while error feedback's analysis assumes a
+  contractive compressor; ``rounding="nearest"`` is the contractive choice.
+  On compress_digits both train, with and without error feedback
   (docs/RESULTS.md, compress_formats).
   (The paper's two-phase rounding, which shifts the grid by a factor 2 for
   the two backward GEMMs, is about the backward pass's matmuls, not a message
