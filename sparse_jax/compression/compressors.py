@@ -195,6 +195,18 @@ def _flatten(x: jax.Array, name: str) -> jax.Array:
   return jnp.ravel(x)
 
 
+def _check_sample_size(sample_size, name: str) -> int:
+  if int(sample_size) < 2:
+    raise ValueError(f"{name}: sample_size must be >= 2, got {sample_size!r}")
+  return int(sample_size)
+
+
+def _sampled_fit(flat: jax.Array, sample_size: int):
+  """The lognormal fit of a strided sample of about ``sample_size`` entries."""
+  stride = max(1, flat.shape[0] // sample_size)
+  return lognormal_math.fit_lognormal(flat[::stride])
+
+
 def _dense_is_cheaper(size: int, capacity: int, itemsize: int) -> bool:
   return capacity * (itemsize + np.dtype(_INDEX_DTYPE).itemsize) >= (
       size * itemsize)
@@ -414,16 +426,14 @@ def lognormal(sparsity: float, *, stochastic: bool = False,
   if not capacity_factor >= 1.0:
     raise ValueError(f"lognormal: capacity_factor must be >= 1, got "
                      f"{capacity_factor!r}")
-  if int(sample_size) < 2:
-    raise ValueError(f"lognormal: sample_size must be >= 2, got {sample_size!r}")
+  sample_size = _check_sample_size(sample_size, "lognormal")
   sparsity = float(sparsity)
   density = 1.0 - sparsity
 
   def compress(x, key):
     flat = _flatten(x, name)
     size = flat.shape[0]
-    stride = max(1, size // int(sample_size))
-    fit = lognormal_math.fit_lognormal(flat[::stride])
+    fit = _sampled_fit(flat, sample_size)
     tau = lognormal_math.lognormal_threshold(fit, sparsity,
                                              stochastic=stochastic)
     capacity = min(size, max(1, math.ceil(capacity_factor * density * size)))
@@ -544,10 +554,13 @@ def _check_rounding(rounding, name):
                      f"got {rounding!r}")
 
 
-def _amax_scale(flat, top):
-  """Per-tensor scale mapping max |x| onto the format's max (1 for zeros)."""
-  amax = jnp.max(jnp.abs(flat)).astype(jnp.float32)
-  return jnp.where(amax > 0, amax / top, 1.0)
+def _amax(flat):
+  return jnp.max(jnp.abs(flat)).astype(jnp.float32)
+
+
+def _max_scale(amax, top):
+  """Per-tensor scale mapping ``amax`` onto the format's max ``top`` (1 for 0)."""
+  return jnp.where(amax > 0, amax / top, 1.0).astype(jnp.float32)
 
 
 def fp_quantize(exponent_bits: int, mantissa_bits: int, *,
@@ -613,7 +626,7 @@ def fp_quantize(exponent_bits: int, mantissa_bits: int, *,
 
   def compress(x, key):
     flat = _flatten(x, name).astype(jnp.float32)
-    s = _amax_scale(flat, top) if fixed is None else jnp.float32(fixed)
+    s = _max_scale(_amax(flat), top) if fixed is None else jnp.float32(fixed)
     codes = _codes_message(flat / s, e, m, radix, rounding, key, name)
     return Compressed(codes, jnp.zeros((0,), _INDEX_DTYPE),
                       s if fixed is None else None)
@@ -705,24 +718,20 @@ def lognormal_fp(bits: int = 8, *, rounding: str = "nearest",
                      f"{bits!r}")
   bits = int(bits)
   _check_rounding(rounding, "lognormal_fp")
-  if int(sample_size) < 2:
-    raise ValueError(f"lognormal_fp: sample_size must be >= 2, got "
-                     f"{sample_size!r}")
+  sample_size = _check_sample_size(sample_size, "lognormal_fp")
   name = f"lognormal_fp({bits}" + (", stochastic" if rounding == "stochastic"
                                    else "") + ")"
   packed = bits <= 4
 
   def compress(x, key):
     flat = _flatten(x, name).astype(jnp.float32)
-    stride = max(1, flat.shape[0] // int(sample_size))
-    fit = lognormal_math.fit_lognormal(flat[::stride])
-    amax = jnp.max(jnp.abs(flat)).astype(jnp.float32)
+    fit = _sampled_fit(flat, sample_size)
+    amax = _amax(flat)
     e, m = formats.choose_split(fit.mu, fit.sigma,
                                 jnp.log(jnp.maximum(amax, 1e-38)), bits)
     # One encode with the chosen (traced) split: no branch per format, so it
     # also vectorises (a reduce-scatter encodes chunks under vmap).
-    s = jnp.where(amax > 0, amax / formats.max_value(e, m), 1.0).astype(
-        jnp.float32)
+    s = _max_scale(amax, formats.max_value(e, m))
     codes = _codes_message(flat / s, e, m, 2, rounding, key, name, packed)
     return Compressed(codes, jnp.zeros((0,), _INDEX_DTYPE),
                       jnp.stack([s, e.astype(jnp.float32)]))

@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_jax._core import keys
 from sparse_jax.compression import wire
+from sparse_jax.compression.compressors import Compressed
+from sparse_jax.compression.compressors import Compressor
 
 
 def bound_axis_size(axis_name, who: str) -> int:
@@ -119,16 +122,14 @@ def chunked(comp, num_workers: int, size: int):
   packed 4-bit codes of odd length carries one padding code). Dense form:
   ``flat_indices`` is the identity.
   """
-  from sparse_jax.compression.compressors import Compressor  # pylint: disable=g-import-not-at-top
-  from sparse_jax.compression.compressors import Compressed  # pylint: disable=g-import-not-at-top
   n = int(num_workers)
 
   def compress(x, key):
     flat = jnp.ravel(x)
     pad = -flat.shape[0] % n
     rows = jnp.pad(flat, (0, pad)).reshape(n, -1)
-    keys = jax.random.split(_as_key(key), n)
-    c = jax.vmap(comp.compress)(rows, keys)
+    c = jax.vmap(comp.compress)(rows, jax.random.split(
+        keys.as_key(key, who="exchange"), n))
     return Compressed(c.values, jnp.zeros((0,), jnp.int32), c.scale)
 
   chunk = -(-int(size) // n)
@@ -139,11 +140,6 @@ def chunked(comp, num_workers: int, size: int):
 
   return Compressor(compress, comp.flat_indices, f"chunked({comp.name})",
                     decode, True, comp.format_of)
-
-
-def _as_key(key):
-  from sparse_jax._core import keys  # pylint: disable=g-import-not-at-top
-  return keys.as_key(key, who="exchange")
 
 
 def mean_into(rt: Route, compressed, base, scale, axis_name, num_workers,
@@ -187,11 +183,12 @@ def mean_into(rt: Route, compressed, base, scale, axis_name, num_workers,
     padded = jnp.pad(server_error.reshape(-1).astype(jnp.float32),
                      (0, n * chunk - size))
     mean = mean + jax.lax.dynamic_slice(padded, (me,), (chunk,))
-  key = jax.random.fold_in(_as_key(0 if key is None else key), 1 << 20)
+  key = jax.random.fold_in(
+      keys.as_key(0 if key is None else key, who="exchange"), 1 << 20)
   requant = inner.compress(mean, jax.random.fold_in(key, worker_index(
       axis_name)))
   gathered = all_gather(requant, axis_name)
-  flat = inner.decode(gathered)[..., :chunk].reshape(-1)[:size]
+  flat = comp.values_of(gathered, size)    # the chunks, trimmed, in order
   step = base + (flat.reshape(base.shape) * jnp.asarray(scale, flat.dtype)
                  ).astype(base.dtype)
   if padded is not None:
