@@ -113,6 +113,16 @@ CASES = [
         mask={k: {"bias": False, "kernel": True}   # kernels only: a prefix
               for k in ("first", "mid", "last")}),
          hyper=("learning_rate", 0.3)),
+    Case("ef_fp8", sj.error_feedback,
+         dict(compressor=sj.compression.fp_quantize(4, 3), learning_rate=0.1),
+         hyper=("learning_rate", 0.3)),
+    Case("econtrol_lognormal_fp4", sj.error_feedback,
+         dict(compressor=sj.compression.lognormal_fp(4), variant="econtrol",
+              learning_rate=0.1), hyper=("learning_rate", 0.3), rtol=1e-5),
+    Case("ef_top_k_in_fp8", sj.error_feedback,
+         dict(compressor=sj.compression.compose(
+             top_k(0.25), sj.compression.fp_quantize(4, 3)),
+              learning_rate=0.1), hyper=("learning_rate", 0.3)),
     Case("powersgd", sj.compression.powersgd, dict(rank=2, learning_rate=0.1),
          hyper=("learning_rate", 0.3), static=("rank",), rtol=1e-4),
     Case("foovb_diagonal", sj.foovb,
