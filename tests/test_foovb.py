@@ -229,6 +229,33 @@ def test_vmap_over_seeds_equals_separate_runs():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("covariance", ["kron", "full"])
+def test_batched_linear_algebra_draws_the_same_samples(covariance):
+  # The new factor is canonical (fixed_point_factor), so 30 steps run
+  # batched (vmap: batched LAPACK) and one at a time give the same factors
+  # and draw the same samples. With the paper's root they drifted apart by
+  # a rotation (9e-2 after 30 steps).
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)),
+                             jnp.float32)}
+  loss = _quad_loss(_target(params))
+  tx = foovb(covariance=covariance, num_samples=K, init_std=0.3,
+             kron_init="std", key=1)
+  step = jax.jit(_step_fn(tx, loss))
+  state = tx.init(params)
+  p1, s1 = params, state
+  pb, sb = jax.tree.map(lambda x: jnp.stack([x, x]), (params, state))
+  vstep = jax.jit(jax.vmap(step))
+  for _ in range(30):
+    p1, s1 = step(p1, s1)
+    pb, sb = vstep(pb, sb)
+  for leaf1, leafb in zip(jax.tree.leaves((s1.kron, s1.scale)),
+                          jax.tree.leaves((sb.kron, sb.scale))):
+    np.testing.assert_allclose(leafb[0], leaf1, rtol=1e-4, atol=1e-6)
+  draw = lambda s: foovb_sample(s, K)["w"]
+  np.testing.assert_allclose(jax.vmap(draw)(sb)[1], draw(s1), rtol=1e-4,
+                             atol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # Composition with a later transform that changes the updates.
 
@@ -459,3 +486,32 @@ def test_centered_needs_two_samples():
   with pytest.raises(ValueError, match="num_samples >= 2"):
     foovb(covariance="full", num_samples=1)
   foovb(covariance="full", num_samples=1, centered=False)  # the papers' estimator
+
+
+def test_kron_transform_pins_scipys_blas_to_one_thread(monkeypatch):
+  # jaxlib's CPU LAPACK runs on scipy's bundled OpenBLAS; its worker threads
+  # would fight XLA's, so building a kron/full transform pins it to one
+  # thread -- unless the user chose OPENBLAS_NUM_THREADS themselves.
+  threadpoolctl = pytest.importorskip("threadpoolctl")
+  import scipy.linalg.cython_lapack  # noqa: F401  (loads scipy's BLAS)
+  from sparse_jax._core import lapack
+  libs = lapack._scipy_blas(threadpoolctl.threadpool_info())
+  if not libs:
+    pytest.skip("scipy uses a system BLAS here")
+
+  def threads():
+    return {lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+            if lib["filepath"] in libs}
+
+  controller = threadpoolctl.ThreadpoolController().select(filepath=libs)
+  with controller.limit(limits=2):   # restores the original on exit
+    monkeypatch.setattr(lapack, "_DONE", False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    foovb(covariance="kron")           # the user's choice wins
+    assert threads() == {2}
+    monkeypatch.setattr(lapack, "_DONE", False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    foovb(covariance="diagonal")       # no LAPACK: nothing changes
+    assert threads() == {2} and not lapack._DONE
+    foovb(covariance="full")
+    assert threads() == {1}

@@ -143,6 +143,67 @@ def test_factor_form_float32_accurate_for_ill_conditioned_covariance():
   assert np.linalg.norm(t32 @ t32.T - t64 @ t64.T) < 1e-3 * np.linalg.norm(t64 @ t64.T)
 
 
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(n=st.integers(1, 8), seed=st.integers(0, 10_000),
+                  log_scale=st.floats(-2.0, 2.0))
+def test_fixed_point_factor_has_the_papers_covariance(n, seed, log_scale):
+  rng = np.random.default_rng(seed)
+  a = np.tril(rng.normal(size=(n, n))) + 2.0 * np.eye(n)
+  e = rng.normal(size=(n, n)) * 10.0 ** log_scale
+  with jax.enable_x64(True):
+    x = np.asarray(fp.fixed_point_factor(jnp.asarray(a), jnp.asarray(e)))
+    y = np.asarray(fp.solve_fixed_point_factor(jnp.asarray(a), jnp.asarray(e)))
+  np.testing.assert_allclose(x @ x.T, y @ y.T, rtol=1e-9,
+                             atol=1e-12 * np.abs(a @ a.T).max())
+  # The closed form: X = A h(G), h(G) = (sqrt(I + G) + sqrt(G))^-1, G = F F^T.
+  f = a.T @ e / 2
+  d, u = np.linalg.eigh(f @ f.T)
+  d = np.maximum(d, 0)
+  h = (u / (np.sqrt(1 + d) + np.sqrt(d))) @ u.T
+  np.testing.assert_allclose(x, a @ h, rtol=1e-6, atol=1e-9)
+  # The covariance never grows: V - X X^T is positive semi-definite.
+  assert np.linalg.eigvalsh(a @ a.T - x @ x.T).min() > -1e-9 * np.abs(a).max() ** 2
+
+
+def test_fixed_point_factor_is_canonical():
+  # Rotating the old factor (A -> A Q, the same covariance) rotates the new
+  # one by the same Q and nothing else: the result is a function of (A, E),
+  # whichever singular vectors LAPACK returns. The paper's root is not.
+  rng = np.random.default_rng(3)
+  n = 6
+  a = jnp.asarray(np.tril(rng.normal(size=(n, n))) + 2 * np.eye(n), jnp.float32)
+  e = jnp.asarray(rng.normal(size=(n, n)), jnp.float32)
+  q = jnp.asarray(np.linalg.qr(rng.normal(size=(n, n)))[0], jnp.float32)
+  x, xq = fp.fixed_point_factor(a, e), fp.fixed_point_factor(a @ q, e)
+  np.testing.assert_allclose(xq, x @ q, atol=1e-5)
+  # Batched linear algebra gives the same factor as one at a time.
+  xs = jax.vmap(fp.fixed_point_factor)(jnp.stack([a, a @ q]), jnp.stack([e, e]))
+  np.testing.assert_allclose(xs[0], x, atol=1e-5)
+  # Repeated singular values (E = 0 in a block): any basis of that block
+  # gives the same answer, the identity there.
+  e0 = e.at[:, :3].set(0.0).at[:3].set(0.0)
+  x0 = fp.fixed_point_factor(jnp.eye(n), e0)
+  np.testing.assert_allclose(x0[:3, :3], np.eye(3), atol=1e-6)
+
+
+def test_fixed_point_factor_float32_keeps_untouched_directions():
+  # Directions no gradient reaches (zero rows/columns of E) keep their
+  # variance: the singular values come from F itself, so no sqrt(eps) shrink
+  # accumulates over a long stream.
+  rng = np.random.default_rng(4)
+  # (Taking them as sqrt of the eigenvalues of F F^T leaves 1.4e-3 here.)
+  n = 40
+  a = jnp.asarray(np.linalg.qr(rng.normal(size=(n, n)))[0], jnp.float32)
+  for _ in range(300):
+    e = rng.normal(size=(n, n)).astype(np.float32) * 0.02
+    e[:10] = 0.0
+    e[:, :10] = 0.0
+    a = fp.fixed_point_factor(a, jnp.asarray(e))
+  v = np.asarray(a @ a.T, np.float64)
+  np.testing.assert_allclose(v[:10, :10], np.eye(10), atol=1e-4)
+  assert np.diag(v)[10:].max() < 0.01      # the others did shrink
+
+
 def test_1x1_equation_reproduces_diagonal_formula():
   rng = np.random.default_rng(4)
   std = rng.uniform(0.01, 1.0, size=40)

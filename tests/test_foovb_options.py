@@ -355,8 +355,10 @@ def test_full_float64_matches_math_to_double_precision():
     want_mu = np.asarray(params["w"]) - 0.9 * v @ g.mean(0)
     want_x = np.asarray(fp.solve_fixed_point(v, g.T @ eps / 8))
     np.testing.assert_allclose(new.mean["w"], want_mu, rtol=1e-12)
-    np.testing.assert_allclose(new.scale, want_x, rtol=1e-9, atol=1e-12)
-    res = fp.fixed_point_residual(new.scale, v, g.T @ eps / 8)
+    # The state keeps the canonical factor of the paper's covariance.
+    cov = np.asarray(new.scale @ new.scale.T)
+    np.testing.assert_allclose(cov, want_x @ want_x.T, rtol=1e-9, atol=1e-14)
+    res = fp.fixed_point_residual(want_x, v, g.T @ eps / 8)
     assert float(jnp.abs(res).max()) < 1e-14
     # float32 params with float64 covariance work too (the reference's solves).
     tx32 = foovb(covariance="full", num_samples=8, dtype=jnp.float64)

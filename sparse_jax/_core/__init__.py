@@ -14,6 +14,8 @@ One piece of plumbing instead of one dialect per family:
   chain (and replacing it);
 * :mod:`~sparse_jax._core.sharding` -- running a computation whose reshapes
   cannot be typed on an Explicit-axes mesh;
+* :mod:`~sparse_jax._core.lapack` -- one BLAS thread under jaxlib's CPU
+  LAPACK (FOO-VB's factor updates), with no environment variable;
 * :mod:`~sparse_jax._core.nm_schedule` -- the score-parameterised N:M mask
   schedule behind ``nm_projection``, ``sr_ste`` and ``foovb_nm_projection``.
 

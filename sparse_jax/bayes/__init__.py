@@ -26,6 +26,7 @@ Modules:
 
 from sparse_jax.bayes.fixed_point import (
     diagonal_std_update,
+    fixed_point_factor,
     fixed_point_residual,
     solve_fixed_point,
     solve_fixed_point_factor,
@@ -79,6 +80,7 @@ __all__ = [
     "evaluate",
     "expected_calibration_error",
     "find_foovb_state",
+    "fixed_point_factor",
     "fixed_point_residual",
     "foovb",
     "foovb_nm_masks",

@@ -23,8 +23,10 @@ the paper's three updates with ``Psi_ref = Psi^T``, ``Phi_ref = Phi^T``:
     E_B = mean[Psi_ref A Phi_ref^T] / N   ->  E_B = mean[Psi^T A Phi] / n   (p x p)
 
 and ``A' = X(V = A A^T, E_A)``, ``B' = X(V = B B^T, E_B)`` with the matrix
-equation of :func:`sparse_jax.bayes.fixed_point.solve_fixed_point_factor`; ``A``
-and ``B`` are both updated from the old values. Check (Stein's lemma): for
+equation of :func:`sparse_jax.bayes.fixed_point.solve_fixed_point_factor`
+(the transform keeps the canonical factor of that covariance,
+:func:`~sparse_jax.bayes.fixed_point.fixed_point_factor`); ``A`` and ``B``
+are both updated from the old values. Check (Stein's lemma): for
 ``L = tr(H_A W H_B W^T) / 2``, ``E[E_A] = H_A A tr(B^T H_B B) / p``, the row
 curvature scaled by the mean column curvature seen through ``B``.
 

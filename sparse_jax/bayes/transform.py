@@ -45,6 +45,7 @@ from jax.typing import ArrayLike
 
 from sparse_jax._core import checks
 from sparse_jax._core import keys
+from sparse_jax._core import lapack
 from sparse_jax._core import numerics
 from sparse_jax._core import sharding
 from sparse_jax._core import states
@@ -463,8 +464,8 @@ def _kron_step(psi: jax.Array, phi: jax.Array, mean: jax.Array,
   _, e_a, e_b = kr.kron_statistics(psi, phi, fac.a, fac.b)
   new_mean = _relax(mean, kr.kron_mean_step(mean0, fac0.a, fac0.b, psi_bar,
                                             hp.eta), hp.damping)
-  a = fp.solve_fixed_point_factor(fac0.a, e_a)
-  b = fp.solve_fixed_point_factor(fac0.b, e_b)
+  a = fp.fixed_point_factor(fac0.a, e_a)
+  b = fp.fixed_point_factor(fac0.b, e_b)
   if not _is(hp.damping, 1.0):
     a = fp.mix_scale(fac.a, a @ a.T, hp.damping)
     b = fp.mix_scale(fac.b, b @ b.T, hp.damping)
@@ -484,7 +485,7 @@ def _full_step(g: jax.Array, eps: jax.Array, mean: jax.Array, mean0: jax.Array,
   e = g.T @ eps / g.shape[0]
   step = scale0 @ (scale0.T @ gbar)                 # V gbar, V not formed
   new_mean = _relax(mean, mean0 - hp.eta * step, hp.damping)
-  new_scale = fp.solve_fixed_point_factor(scale0, e)
+  new_scale = fp.fixed_point_factor(scale0, e)
   if not _is(hp.damping, 1.0):
     new_scale = fp.mix_scale(scale, new_scale @ new_scale.T, hp.damping)
   if not _is(hp.forgetting, 0.0):
@@ -577,10 +578,13 @@ def foovb(
 
   Cost: the diagonal update regenerates the K noise arrays (as many Gaussian
   draws as ``foovb_sample``), which dominates it. ``"kron"`` and ``"full"``
-  solve the matrix equation with a Cholesky factorisation and an SVD per
-  factor and step; on CPU these run in LAPACK on scipy's OpenBLAS, whose own
-  threads compete with XLA's: on a busy machine set ``OPENBLAS_NUM_THREADS=1``
-  (before numpy/scipy/jax are imported) or steps stall at random.
+  take the new square-root factor from one SVD per factor and step
+  (:func:`~sparse_jax.bayes.fixed_point.fixed_point_factor`: the paper's
+  covariance, a canonical factor). On CPU the SVD runs in LAPACK on scipy's
+  OpenBLAS, whose worker threads would compete with XLA's; building a
+  ``"kron"``/``"full"`` transform therefore pins that library to one thread
+  (unless ``OPENBLAS_NUM_THREADS`` is set), so no environment variable is
+  needed.
 
   Args:
     covariance: ``"diagonal"``, ``"kron"`` or ``"full"``.
@@ -665,6 +669,8 @@ def foovb(
   who = "foovb"
   checks.check_choice(covariance, "covariance", ("diagonal", "kron", "full"),
                       who=who)
+  if covariance != "diagonal":
+    lapack.single_thread_lapack()
   eta = _positive_float(eta, "eta", allow_zero=True)
   init_std = _positive_float(init_std, "init_std")
   num_samples = checks.check_int(num_samples, "num_samples", who=who,
