@@ -15,6 +15,14 @@ Rows (all jitted, CPU, min over repeats):
    (sample, K gradients, update), ``1 - t(same step with a plain SGD step
    instead of the update) / t(step)``, on an MLP and a small CNN (and the
    diagonal one's, for comparison).
+4. ``train step K / K x adam train step``: a whole FOO-VB train step with K
+   samples over K Adam train steps (each of those also takes one forward and
+   backward pass; target <= 1.2 for the diagonal posterior), and the Kronecker
+   update alone over one Adam update on the mean gradient (target <= 3) and
+   over K Adam updates.
+
+Measured in a fresh process WITHOUT ``OPENBLAS_NUM_THREADS`` (the library
+pins jaxlib's LAPACK to one thread by itself).
 
 ``--digits`` also runs the ALGORITHMS.md part D protocol (permuted digits, 10
 tasks x 10 epochs, MLP 64-200-200-10, K=10, eta=1, batch 32, summed loss) and
@@ -26,12 +34,8 @@ from __future__ import annotations
 
 import os
 
-# jaxlib's CPU LAPACK (the Cholesky / SVD of the kron and full updates) runs on
-# scipy's OpenBLAS, whose own worker threads fight XLA's thread pool: on a busy
-# 2-core machine kron steps then stall for seconds at random. One BLAS thread
-# keeps them steady (~25 ms instead of 0.05-3 s). Must be set before numpy,
-# scipy or jax load OpenBLAS.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# No OPENBLAS_NUM_THREADS here: the library pins jaxlib's LAPACK threads itself
+# (sparse_jax._core.lapack); these numbers are what a user's own script gets.
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -242,6 +246,71 @@ def bench_step_share(report, name, params, apply_fn, batch, k, covariance, repea
 
 
 # ----------------------------------------------------------------------------
+# 4. Whole train steps with K samples vs K Adam train steps; the kron update
+#    alone vs an Adam update.
+
+
+def bench_step_vs_adam(report, sizes, batch, k, repeats):
+  """``t(FOO-VB train step, K samples) / (K t(Adam train step))`` (target 1.2).
+
+  The honest ratio: a FOO-VB step takes K forward/backward passes (one per
+  sample), which K Adam steps also take; what is left is the cost of the
+  sampling and of the update. Also: the Kronecker update alone (given the K
+  gradients) over one Adam update on their mean (target 3).
+  """
+  params = mlp_params(sizes)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(batch, sizes[0])), jnp.float32)
+  y = jnp.asarray(rng.integers(0, sizes[-1], size=batch), jnp.int32)
+  w = jnp.ones((batch,), jnp.float32)
+  loss = summed_ce(mlp_apply)
+  adam = optax.adam(1e-3)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def adam_step(p, s):
+    u, s = adam.update(jax.grad(loss)(p, x, y, w), s, p)
+    return optax.apply_updates(p, u), s
+
+  grads_fn = jax.vmap(jax.grad(loss), in_axes=(0, None, None, None))
+
+  def foovb_stepper(tx):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s):
+      u, s = tx.update(grads_fn(foovb_sample(s, k), x, y, w), s, p)
+      return optax.apply_updates(p, u), s
+    return step
+
+  def runner(step, state):
+    carry = [jax.tree.map(jnp.copy, params), state]
+
+    def run():
+      carry[0], carry[1] = step(carry[0], carry[1])
+      return carry
+    return run
+
+  t_adam = time_fn(runner(adam_step, adam.init(params)), repeats=repeats * 3)
+  k_adam = {"min": k * t_adam["min"], "median": k * t_adam["median"]}
+  report.add(f"adam train step, MLP {sizes} batch {batch}", t_adam,
+             params=num_params(params))
+  for cov in ("diagonal", "kron"):
+    tx = foovb(covariance=cov, num_samples=k, init_std=0.05)
+    t = time_fn(runner(foovb_stepper(tx), tx.init(params)), repeats=repeats)
+    report.add(f"{cov} train step K={k} / K x adam train step, MLP {sizes}",
+               t, reference=k_adam, target=1.2 if cov == "diagonal" else None,
+               num_samples=k, batch=batch)
+  tx = foovb(covariance="kron", num_samples=k, init_std=0.05)
+  grads = jax.jit(grads_fn)(foovb_sample(tx.init(params), k), x, y, w)
+  gbar = jax.tree.map(lambda g: g.mean(0), grads)
+  t_kron = time_fn(stepper(tx, params, grads), repeats=repeats)
+  t_one = time_fn(stepper(adam, params, gbar), repeats=repeats * 3)
+  report.add(f"kron update K={k} / adam update on the mean grad, MLP {sizes}",
+             t_kron, reference=t_one, target=3.0, num_samples=k)
+  report.add(f"kron update K={k} / K adam updates, MLP {sizes}", t_kron,
+             reference={"min": k * t_one["min"], "median": k * t_one["median"]},
+             num_samples=k)
+
+
+# ----------------------------------------------------------------------------
 # Digits sanity run (ALGORITHMS.md part D).
 
 
@@ -330,6 +399,8 @@ def main(argv=None):
   bench_vmap_grads(report, (64, 200, 200, 10), 32, 10, repeats)
   if not args.quick:
     bench_vmap_grads(report, (784, 400, 400, 10), 128, 10, repeats)
+  bench_step_vs_adam(report, (64, 200, 200, 10), 32, 4 if args.quick else 10,
+                     repeats)
   k = 4 if args.quick else 10
   mlp_sizes = (64, 100, 10) if args.quick else (64, 200, 200, 10)
   for cov in ("kron", "diagonal"):

@@ -22,6 +22,12 @@ The 3-seed tables (docs/results/cl_*.json):
     python experiments/sweep.py --config=configs/cl_permuted_digits.py --workdir=workdirs/cl_permuted
     python experiments/sweep.py --config=configs/cl_permuted_digits.py --base=continuous \
         --workdir=workdirs/cl_continuous
+
+The reference-protocol study (K = 10, 30, 100; papers' vs centred statistic):
+
+    python experiments/sweep.py --config=configs/cl_permuted_digits.py \
+        --variants="$(python configs/cl_permuted_digits.py reference)" \
+        --workdir=workdirs/cl_reference
 """
 
 import ml_collections
@@ -55,6 +61,29 @@ def bgd(c):
                             num_samples=10, forgetting=0.0, centered=False)
 
 
+def ivon(c, learning_rate=0.1, ess=1400.0, hess_init=0.1, beta2=0.999):
+  """IVON (Shen et al. 2024), the strong diagonal baseline: one sample per
+  step, mean-loss gradients, ess = one task's training set (1,400)."""
+  c.train.step = "foovb"              # the K-sample step
+  c.train.loss_reduction = "mean"
+  c.optimizer.name = "ivon"
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.kwargs = dict(ess=ess, hess_init=hess_init, beta2=beta2,
+                            weight_decay=1e-4, num_samples=1)
+
+
+def bgd_ref(c):
+  """BGD as in ALGORITHMS.md D's reference row: std_init 0.05, eta 1, K 10."""
+  bgd(c)
+  c.optimizer.kwargs.init_std = 0.05
+  c.optimizer.kwargs.eta = 1.0
+
+
+def sgd_ref(c):
+  """SGD lr 0.01, ALGORITHMS.md D's reference row."""
+  sgd(c, learning_rate=0.01)
+
+
 def foovb_kron(c):
   """FOO-VB Kronecker with the centred covariance statistic (no forgetting needed)."""
   c.train.step = "foovb"
@@ -78,6 +107,32 @@ def foovb_full(c):
                             forgetting=0.0, centered=True)
 
 
+def ref(c):
+  """The FOO-VB reference code's setting: the papers' alpha-split init
+  (``config.train.init="alpha_split"``), eta 1, no forgetting."""
+  c.train.init = "alpha_split"
+  if c.optimizer.name == "foovb":
+    c.optimizer.kwargs.eta = 1.0
+    c.optimizer.kwargs.forgetting = 0.0
+
+
+def paper(c):
+  """The papers' covariance statistic ``mean_k g_k eps_k^T`` (not centred)."""
+  c.optimizer.kwargs.centered = False
+
+
+def centred(c):
+  """The centred statistic ``mean_k (g_k - gbar) eps_k^T``."""
+  c.optimizer.kwargs.centered = True
+
+
+def _samples(k):
+  def set_k(c):
+    c.optimizer.kwargs.num_samples = k
+  set_k.__doc__ = f"K = {k} Monte-Carlo samples per step."
+  return set_k
+
+
 def tiny(c):
   """MLP 64-8-10 (610 params): small enough for ``foovb_full``."""
   c.model.hidden = (8,)
@@ -97,6 +152,15 @@ def smoke(c):
   c.ewc.fisher_examples = 64
 
 
+# The reference-protocol study (issue 13): FOO-VB Kronecker with the papers'
+# statistic and the centred one at K = 10, 30, 100 (papers' init, eta 1, no
+# forgetting), BGD and SGD as in ALGORITHMS.md D, and Adam.
+REFERENCE_STUDY = (
+    [f"foovb_kron,ref,{stat},k{k}" for stat in ("paper", "centred")
+     for k in (10, 30, 100)]
+    + ["bgd_ref", "sgd_ref", "adam"])
+
+
 def get_config(arg=None):
   c = base_config()
   c.name = "cl_permuted_digits"
@@ -113,5 +177,16 @@ def get_config(arg=None):
   return apply_variants(c, arg, {"sgd": sgd, "adam": adam, "ewc": ewc, "bgd": bgd,
                                  "foovb_kron": foovb_kron, "foovb_kron_paper": foovb_kron_paper,
                                  "foovb_full": foovb_full,
+                                 "ivon": ivon, "bgd_ref": bgd_ref, "sgd_ref": sgd_ref,
+                                 "ref": ref, "paper": paper, "centred": centred,
+                                 "k10": _samples(10), "k30": _samples(30),
+                                 "k100": _samples(100),
                                  "tiny": tiny, "continuous": continuous,
                                  "smoke": smoke})
+
+
+if __name__ == "__main__":   # prints a sweep's --variants list
+  import sys
+  if sys.argv[1:] != ["reference"]:
+    sys.exit("usage: python configs/cl_permuted_digits.py reference")
+  print(";".join(REFERENCE_STUDY))

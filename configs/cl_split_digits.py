@@ -43,7 +43,8 @@ def get_config(arg=None):
   c.stream.scenario = "domain"
   c.optimizer.learning_rate = 0.01  # the default method is SGD
   variants = {name: getattr(base, name)
-              for name in ("adam", "ewc", "foovb_kron", "foovb_kron_paper", "smoke")}
+              for name in ("adam", "ewc", "foovb_kron", "foovb_kron_paper", "ivon",
+                             "smoke")}
   variants["sgd"] = lambda c: base.sgd(c, learning_rate=0.01)
   variants["bgd"] = _bgd
   for scenario in ("domain", "class", "task"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy/scipy: see conftest
 
 from absl import flags  # noqa: E402
 

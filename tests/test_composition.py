@@ -137,6 +137,9 @@ CASES = [
     Case("foovb_full", sj.foovb,
          dict(covariance="full", num_samples=K, init_std=0.05, key=1), k=K,
          hyper=("eta", 3.0), rtol=1e-4),
+    Case("ivon", sj.bayes.ivon,
+         dict(learning_rate=0.1, ess=100.0, num_samples=K, key=1), k=K,
+         hyper=("learning_rate", 0.3), rtol=1e-5),
     Case("foovb_nm_projection", sj.foovb_nm_projection,
          dict(foovb_tx=_foovb(), n=2, m=4), k=K, hyper=("n", 1)),
     Case("foovb_nm_projection_T24", sj.foovb_nm_projection,
@@ -521,6 +524,7 @@ def test_sharded_params_on_a_4_device_mesh(case, mesh_kind):
 
 def test_registry_covers_every_public_transform():
   public = {sj.nm_projection, sj.sr_ste, sj.foovb, sj.foovb_nm_projection,
+            sj.bayes.ivon,
             sj.error_feedback, sj.compression.powersgd}
   assert public == {c.factory for c in CASES}
   variants = {c.kwargs.get("variant", "ef") for c in CASES

@@ -98,4 +98,12 @@ def test_continual_notebook(kernel_env):
     assert r["average_accuracy"] > 0.15  # chance: 0.1
     best_before_end = [acc[j:-1, j].max() for j in range(2)]
     assert r["forgetting"] == pytest.approx(np.mean(best_before_end - acc[-1, :2]))
+  # The user's own nnx.Optimizer loop trains FOO-VB and IVON alike.
+  own = summary["nnx_loop"]
+  assert set(own) == {"FOO-VB diagonal (BGD)", "IVON"}
+  for r in own.values():
+    assert np.array(r["after_task"]).shape == (2, 2)
+    assert r["after_task"][0][0] > 0.3          # learnt task 0 (chance 0.1)
+    assert r["bma_accuracy"] > 0.15
+    assert np.isfinite(r["nll_bma"]) and 0 <= r["ece_bma"] <= 1
   assert _images(nb) >= 2

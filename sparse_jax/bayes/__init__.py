@@ -12,12 +12,17 @@ A training step (gradients of the SUMMED batch loss at K posterior samples)::
 and prediction: ``sj.bayes.evaluate(apply_fn, params, foovb_sample(opt_state,
 K), x, y)`` (mean weights, MC average, committee vote, BMA; NLL, ECE, entropy).
 
+IVON (``sj.bayes.ivon(lr, ess=N)``, Shen et al. 2024) is the strong baseline:
+a diagonal posterior at Adam's cost, with the same sampling and prediction
+API (gradients of the batch-MEAN loss by default).
+
 Modules:
   fixed_point  pure math: the stable diagonal (BGD) step, the closed-form
                solution of ``X X^T + V E X^T - V = 0``, covariance mixing.
   kronecker    pure math of the matrix-variate posterior in the Flax layout.
   layout       which params leaf gets which posterior (static).
   transform    the optax transform foovb, sampling, state helpers.
+  ivon         the optax transform ivon (IVON, Algorithm 1).
   step         a training step (K sampled gradients, BatchNorm statistics).
   sparse       the posterior mean projected onto (transposable) N:M masks
                scored by |mean| / std (foovb_nm_projection).
@@ -34,6 +39,7 @@ from sparse_jax.bayes.fixed_point import (
 from sparse_jax.bayes.transform import (
     FooVBPosterior,
     FooVBState,
+    IVONState,
     KronFactors,
     alpha_split_init,
     find_foovb_state,
@@ -42,6 +48,7 @@ from sparse_jax.bayes.transform import (
     foovb_set_mean,
     foovb_std,
 )
+from sparse_jax.bayes.ivon import ivon
 from sparse_jax.bayes.kronecker import kron_covariance
 from sparse_jax.bayes.predict import (
     accuracy,
@@ -69,6 +76,7 @@ __all__ = [
     "FooVBNMState",
     "FooVBPosterior",
     "FooVBState",
+    "IVONState",
     "KronFactors",
     "accuracy",
     "alpha_split_init",
@@ -89,6 +97,7 @@ __all__ = [
     "foovb_set_mean",
     "foovb_snr",
     "foovb_std",
+    "ivon",
     "foovb_step",
     "kron_covariance",
     "mc_accuracy",

@@ -112,6 +112,49 @@ class FooVBState(NamedTuple):
     return FooVBPosterior(self.mean, self.std, self.kron, self.scale)
 
 
+class IVONState(NamedTuple):
+  """State of :func:`sparse_jax.bayes.ivon` (a diagonal Gaussian posterior).
+
+  It shares the sampling API of :class:`FooVBState`: ``foovb_sample``,
+  ``foovb_std``, ``foovb_set_mean`` and ``find_foovb_state`` accept it.
+
+  Attributes:
+    count: number of updates applied (int32).
+    key: PRNG key of the next step's noise (advanced by every update).
+    mean: the posterior mean ``m``, like params.
+    std: ``sigma = 1 / sqrt(ess (hess + weight_decay))``, like params (None
+      for fixed leaves).
+    momentum: the gradient momentum ``g``, like params.
+    hess: the Hessian estimate ``h``, like params.
+    layout: static: which leaves are Bayesian.
+    skipped: int32 number of steps skipped because a gradient held a NaN or
+      inf.
+  """
+  count: jax.Array
+  key: jax.Array
+  mean: PyTree
+  std: PyTree
+  momentum: PyTree
+  hess: PyTree
+  layout: lo.Layout
+  skipped: Any = None
+
+  @property
+  def posterior(self) -> FooVBPosterior:
+    return FooVBPosterior(self.mean, self.std, {}, None)
+
+  @property
+  def kron(self) -> dict:
+    return {}
+
+  @property
+  def scale(self) -> None:
+    return None
+
+
+_POSTERIOR_STATES = (FooVBState, IVONState)
+
+
 # ----------------------------------------------------------------------------
 # Argument checks (the shared validators; injected hyperparameters arrive
 # as traced scalars inside the update and pass unchecked).
@@ -238,9 +281,10 @@ def _param_dtypes(layout: lo.Layout, mean_leaves: list[Any]) -> list[Any]:
 
 
 def find_foovb_state(opt_state: PyTree) -> FooVBState:
-  """Returns the (single) :class:`FooVBState` inside ``opt_state``.
+  """Returns the (single) :class:`FooVBState` (or ``IVONState``) inside ``opt_state``.
 
-  ``opt_state`` may be the state of :func:`foovb` itself, of any optax
+  ``opt_state`` may be the state of :func:`foovb` (or
+  :func:`~sparse_jax.bayes.ivon`) itself, of any optax
   combinator containing it (``optax.chain``, ``optax.masked`` ...), or an
   ``nnx.Optimizer`` (or its ``opt_state``) built with such a transform.
 
@@ -258,12 +302,12 @@ def find_foovb_state(opt_state: PyTree) -> FooVBState:
     >>> find_foovb_state(tx.init({"w": jnp.zeros(3)})).count
     Array(0, dtype=int32)
   """
-  return states.find_one(opt_state, FooVBState, who="foovb",
-                         what="FOO-VB state (FooVBState)")
+  return states.find_one(opt_state, _POSTERIOR_STATES, who="foovb",
+                         what="FOO-VB or IVON state (FooVBState / IVONState)")
 
 
 def _replace_state(opt_state: PyTree, new: FooVBState) -> PyTree:
-  return states.replace(opt_state, FooVBState, new)
+  return states.replace(opt_state, _POSTERIOR_STATES, new)
 
 
 def foovb_sample(opt_state: PyTree, num_samples: int, *,
@@ -404,6 +448,54 @@ def foovb_std(opt_state: PyTree) -> PyTree:
     _unravel_full(out, jnp.sqrt(jnp.sum(state.scale ** 2, axis=1)), layout,
                   dtypes)
   return treedef.unflatten(out)
+
+
+def check_sample_grads(grads: PyTree, mean: PyTree, num_samples: Any, *,
+                       who: str) -> list[Any]:
+  """The flat K-sample gradients, checked against the posterior ``mean``.
+
+  Every selected leaf must have shape ``(K, *param_shape)``; K is
+  ``num_samples``, or read from the gradients when it is traced (injected).
+  Errors name ``who`` and the leaf.
+  """
+  mean_leaves, treedef = jax.tree.flatten(mean, is_leaf=trees.is_masked)
+  g_with_path, g_def = trees.flatten(grads)
+  if not g_with_path and mean_leaves:
+    raise ValueError(
+        f"{who}: got no gradient leaves. With nnx.Optimizer(model, tx, "
+        "wrt=nnx.Param) the gradients must keep the nnx.Param type or the "
+        "wrt filter drops them: draw the samples with foovb_sample("
+        "optimizer, K, like=model) and differentiate at those.")
+  if g_def != treedef:   # names the first differing leaf
+    trees.check_same_structure(
+        mean, grads, who=who,
+        what="the gradients (a tree like params with a leading sample axis)")
+  k = num_samples
+  if checks.is_traced(k):   # injected: the gradients say how many samples
+    k = next((jnp.shape(g)[0] for (_, g), m in zip(g_with_path, mean_leaves)
+              if not trees.is_masked(m) and jnp.ndim(g) == m.ndim + 1), None)
+  out = []
+  for (path, g), m in zip(g_with_path, mean_leaves):
+    if trees.is_masked(m):
+      out.append(g)
+      continue
+    want = (k,) + m.shape
+    if jnp.shape(g) != want:
+      hint = ""
+      if jnp.shape(g) == m.shape:
+        hint = (" They lack the leading sample axis: take the gradient at "
+                "each of the K samples of foovb_sample(opt_state, K) (e.g. "
+                f"jax.vmap(jax.grad(loss))(samples)). optax.MultiSteps and "
+                f"optax.apply_if_finite cannot wrap {who}: they assume "
+                "gradients shaped like the params.")
+      elif jnp.ndim(g) == m.ndim + 1:
+        hint = (f" The sample axis has size {jnp.shape(g)[0]}, but the "
+                f"transform was built with num_samples={k}.")
+      raise ValueError(
+          f"{who}: gradient {lo.path_string(path)} has shape {jnp.shape(g)}, "
+          f"expected (num_samples, *param_shape) = {want}.{hint}")
+    out.append(jnp.asarray(g))
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -776,46 +868,6 @@ def foovb(
                       anchor=anchor, layout=layout,
                       skipped=jnp.zeros((), jnp.int32))
 
-  def check_grads(grads: PyTree, state: FooVBState) -> list[Any]:
-    mean_leaves, treedef = jax.tree.flatten(state.mean, is_leaf=trees.is_masked)
-    g_with_path, g_def = trees.flatten(grads)
-    if not g_with_path and mean_leaves:
-      raise ValueError(
-          "foovb: got no gradient leaves. With nnx.Optimizer(model, tx, "
-          "wrt=nnx.Param) the gradients must keep the nnx.Param type or the "
-          "wrt filter drops them: draw the samples with foovb_sample("
-          "optimizer, K, like=model) and differentiate at those.")
-    if g_def != treedef:   # names the first differing leaf
-      trees.check_same_structure(
-          state.mean, grads, who="foovb",
-          what="the gradients (a tree like params with a leading sample axis)")
-    k = num_samples
-    if checks.is_traced(k):   # injected: the gradients say how many samples
-      k = next((jnp.shape(g)[0] for (_, g), m in zip(g_with_path, mean_leaves)
-                if not trees.is_masked(m) and jnp.ndim(g) == m.ndim + 1), None)
-    out = []
-    for (path, g), m in zip(g_with_path, mean_leaves):
-      if trees.is_masked(m):
-        out.append(g)
-        continue
-      want = (k,) + m.shape
-      if jnp.shape(g) != want:
-        hint = ""
-        if jnp.shape(g) == m.shape:
-          hint = (" They lack the leading sample axis: take the gradient at "
-                  "each of the K samples of foovb_sample(opt_state, K) (e.g. "
-                  "jax.vmap(jax.grad(loss))(samples)). optax.MultiSteps and "
-                  "optax.apply_if_finite cannot wrap foovb: they assume "
-                  "gradients shaped like the params.")
-        elif jnp.ndim(g) == m.ndim + 1:
-          hint = (f" The sample axis has size {jnp.shape(g)[0]}, but the "
-                  f"transform was built with num_samples={k}.")
-        raise ValueError(
-            f"foovb: gradient {lo.path_string(path)} has shape {jnp.shape(g)}, "
-            f"expected (num_samples, *param_shape) = {want}.{hint}")
-      out.append(jnp.asarray(g))
-    return out
-
   def update_fn(updates: PyTree, state: FooVBState, params: PyTree = None,
                 *, batch_size: int | None = batch_size,
                 **extra_args: Any) -> tuple[PyTree, FooVBState]:
@@ -834,7 +886,7 @@ def foovb(
   def _update(updates: PyTree, state: FooVBState, params: PyTree,
               batch_size: Any) -> tuple[PyTree, FooVBState]:
     layout = state.layout
-    grads = check_grads(updates, state)
+    grads = check_sample_grads(updates, state.mean, num_samples, who=who)
     k = next((g.shape[0] for g, kind in zip(grads, layout.kinds)
               if kind != lo.ABSENT), 1)
     if loss == "mean":

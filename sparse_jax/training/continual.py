@@ -242,7 +242,10 @@ def run_continual(config, workdir: str, *,
                                   jnp.asarray(t, jnp.int32)))
   wall = time.perf_counter() - t0
   results: dict[str, Any] = {"name": config.get("name", ""), "status": status,
-                             "stream": stream.name, "method": method,
+                             "stream": stream.name,
+                             # the K-sample step trains FOO-VB or IVON
+                             "method": (str(config.optimizer.name)
+                                        if method == "foovb" else method),
                              "wall_s": wall, "steps": int(train_state.step)}
   if status == "completed":
     results.update({

@@ -20,6 +20,8 @@ Optimizers by themselves (``config.optimizer.name``):
 
 - ``foovb``: FOO-VB / BGD (``sparse_jax.bayes.foovb``; kwargs are its options);
   train with ``config.train.step = "foovb"``.
+- ``ivon``: IVON (``sparse_jax.bayes.ivon``); the same K-sample step
+  (``config.train.step = "foovb"``) with mean-loss gradients.
 
 Forward-pass weights (``config.train.forward``):
 
@@ -78,6 +80,16 @@ def _foovb(ctx, **kwargs):
   """The noise key follows ``config.seed`` unless the kwargs give ``key``."""
   kwargs.setdefault("key", ctx.seed)
   return bayes.foovb(**kwargs)
+
+
+@register_transform("ivon")
+def _ivon(ctx, **kwargs):
+  """IVON; train with ``config.train.step = "foovb"`` (the K-sample step) and
+  ``config.train.loss_reduction = "mean"``. The key follows ``config.seed``;
+  the learning rate is ``config.optimizer.learning_rate`` with its schedule."""
+  kwargs.setdefault("key", ctx.seed)
+  kwargs.setdefault("learning_rate", ctx.learning_rate)  # config's schedule
+  return bayes.ivon(**kwargs)
 
 
 _SPARSIFIERS = ("top_k", "rand_k", "threshold", "lognormal", "nm")
