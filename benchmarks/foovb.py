@@ -175,12 +175,17 @@ def bench_diag_update(report, sizes, num_samples_list, repeats):
 # 2. K gradients via vmap vs K separate evaluations.
 
 
-def bench_vmap_grads(report, sizes, batch, k, repeats):
-  params = mlp_params(sizes)
-  rng = np.random.default_rng(1)
+def random_batch(sizes, batch, *, seed):
+  """``(x, y, w)``: a random batch for an MLP of ``sizes``, unit weights."""
+  rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(batch, sizes[0])), jnp.float32)
   y = jnp.asarray(rng.integers(0, sizes[-1], size=batch), jnp.int32)
-  w = jnp.ones((batch,), jnp.float32)
+  return x, y, jnp.ones((batch,), jnp.float32)
+
+
+def bench_vmap_grads(report, sizes, batch, k, repeats):
+  params = mlp_params(sizes)
+  x, y, w = random_batch(sizes, batch, seed=1)
   loss = summed_ce(mlp_apply)
   state = foovb(num_samples=k, init_std=0.05).init(params)
   samples = foovb_sample(state, k)
@@ -259,10 +264,7 @@ def bench_step_vs_adam(report, sizes, batch, k, repeats):
   gradients) over one Adam update on their mean (target 3).
   """
   params = mlp_params(sizes)
-  rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(batch, sizes[0])), jnp.float32)
-  y = jnp.asarray(rng.integers(0, sizes[-1], size=batch), jnp.int32)
-  w = jnp.ones((batch,), jnp.float32)
+  x, y, w = random_batch(sizes, batch, seed=3)
   loss = summed_ce(mlp_apply)
   adam = optax.adam(1e-3)
 

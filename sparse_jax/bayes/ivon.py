@@ -39,7 +39,6 @@ import optax
 from sparse_jax._core import checks
 from sparse_jax._core import keys
 from sparse_jax._core import numerics
-from sparse_jax._core import sharding
 from sparse_jax._core import trees
 from sparse_jax.bayes import layout as lo
 from sparse_jax.bayes.transform import (
@@ -49,6 +48,7 @@ from sparse_jax.bayes.transform import (
     _param_dtypes,
     _sample_mean,
     check_sample_grads,
+    sharded_update,
 )
 
 PyTree = Any
@@ -191,12 +191,7 @@ def ivon(
                 batch_size: Any = batch_size,
                 **extra_args: Any) -> tuple[PyTree, IVONState]:
     del extra_args
-    like = state.mean if params is None else params
-    specs = (jax.tree.map(sharding.spec_of, like),
-             jax.tree.map(sharding.spec_of, state))
-    return sharding.auto_sharded(
-        lambda u, s, p: _update(u, s, p, batch_size), updates, state, params,
-        out_specs=specs)
+    return sharded_update(_update, updates, state, params, batch_size)
 
   def _update(updates: PyTree, state: IVONState, params: PyTree,
               batch_size: Any) -> tuple[PyTree, IVONState]:

@@ -281,9 +281,32 @@ def evaluate(apply_fn: ApplyFn, mean: PyTree, samples: PyTree, x: ArrayLike,
     >>> float(evaluate(apply_fn, m, s, jnp.eye(2), jnp.array([0, 1]))["accuracy_bma"])
     1.0
   """
+  return evaluate_logits(apply_fn(mean, jnp.asarray(x)),
+                         sample_logits(apply_fn, samples, x), labels,
+                         num_bins=num_bins)
+
+
+def evaluate_logits(mean_logits: ArrayLike, logits: ArrayLike,
+                    labels: ArrayLike, *, num_bins: int = 15
+                    ) -> dict[str, jax.Array]:
+  """:func:`evaluate` from logits already computed (e.g. batch by batch).
+
+  Args:
+    mean_logits: ``(B, C)`` logits of the mean weights.
+    logits: ``(K, B, C)`` logits of the K samples.
+    labels: ``(B,)`` integer labels.
+    num_bins: ECE bins.
+
+  Returns:
+    The dict of :func:`evaluate`.
+
+  Example:
+    >>> m = jnp.array([[2.0, 0.0], [0.0, 2.0]])
+    >>> float(evaluate_logits(m, m[None], jnp.array([0, 1]))["accuracy_bma"])
+    1.0
+  """
   labels = jnp.asarray(labels)
-  mean_logits = apply_fn(mean, jnp.asarray(x))
-  logits = sample_logits(apply_fn, samples, x)
+  mean_logits, logits = jnp.asarray(mean_logits), jnp.asarray(logits)
   mean_logp = jax.nn.log_softmax(mean_logits, axis=-1)
   bma_logp = bma_log_probs(logits)
   mean_p, bma_p = jnp.exp(mean_logp), jnp.exp(bma_logp)

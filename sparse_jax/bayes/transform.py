@@ -450,6 +450,22 @@ def foovb_std(opt_state: PyTree) -> PyTree:
   return treedef.unflatten(out)
 
 
+def sharded_update(update: Any, updates: PyTree, state: Any, params: PyTree,
+                   *extra: Any) -> tuple[PyTree, Any]:
+  """``update(updates, state, params, *extra)`` with any Explicit mesh axes Auto.
+
+  On an Explicit-axes mesh the group matrices (kernel + bias row, Conv
+  kernels read as matrices, the full-covariance vector) cannot be typed, so
+  the step runs with those axes Auto; the updates and the state keep the
+  params' and the state's shardings.
+  """
+  like = state.mean if params is None else params
+  specs = (jax.tree.map(sharding.spec_of, like),
+           jax.tree.map(sharding.spec_of, state))
+  return sharding.auto_sharded(lambda u, s, p: update(u, s, p, *extra),
+                               updates, state, params, out_specs=specs)
+
+
 def check_sample_grads(grads: PyTree, mean: PyTree, num_samples: Any, *,
                        who: str) -> list[Any]:
   """The flat K-sample gradients, checked against the posterior ``mean``.
@@ -872,16 +888,7 @@ def foovb(
                 *, batch_size: int | None = batch_size,
                 **extra_args: Any) -> tuple[PyTree, FooVBState]:
     del extra_args
-    # On an Explicit-axes mesh the group matrices (kernel + bias row, Conv
-    # kernels read as matrices, the full-covariance vector) cannot be typed:
-    # run the step with those axes Auto; updates and state keep the params'
-    # and the state's shardings.
-    like = state.mean if params is None else params
-    specs = (jax.tree.map(sharding.spec_of, like),
-             jax.tree.map(sharding.spec_of, state))
-    return sharding.auto_sharded(
-        lambda u, s, p: _update(u, s, p, batch_size), updates, state, params,
-        out_specs=specs)
+    return sharded_update(_update, updates, state, params, batch_size)
 
   def _update(updates: PyTree, state: FooVBState, params: PyTree,
               batch_size: Any) -> tuple[PyTree, FooVBState]:

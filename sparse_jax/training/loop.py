@@ -166,6 +166,47 @@ def mask_diagnostics(params, opt_state) -> dict[str, float]:
           for name, value in values.items()}
 
 
+CALIBRATION_SAMPLES = 16
+"""Posterior samples behind the ``*_bma`` results of a K-sample ("foovb") run."""
+
+
+def calibration(graphdef, state: TrainState, x, y, *, bayesian: bool,
+                batch_size: int = 1000, forward=None,
+                params=None) -> dict[str, float]:
+  """Test-set NLL and ECE (15 bins) next to accuracy, for the results table.
+
+  Every run: ``nll`` / ``ece`` of the weights it ends with (for FOO-VB and
+  IVON, the posterior mean; ``params`` overrides ``state.params``, e.g. the
+  evaluation copy of a data-parallel run). A K-sample run (``config.train.step =
+  "foovb"``) also gets the Bayesian model average of
+  :data:`CALIBRATION_SAMPLES` posterior samples: ``accuracy_bma``,
+  ``nll_bma``, ``ece_bma`` (``sparse_jax.bayes.evaluate_logits``).
+  """
+  from sparse_jax.bayes import evaluate_logits, foovb_sample
+
+  apply = make_apply(graphdef)
+  model_state = state.model_state
+  params = state.params if params is None else params
+  logits_fn = jax.jit(lambda p, xb: apply(p if forward is None else forward(p),
+                                          model_state, xb, False)[0])
+  samples = (foovb_sample(state.opt_state, CALIBRATION_SAMPLES) if bayesian
+             else jax.tree.map(lambda p: p[None], params))
+  many = jax.jit(jax.vmap(logits_fn, in_axes=(0, None)))
+  mean_logits, logits = [], []
+  for start in range(0, len(x), batch_size):
+    xb = np.asarray(x[start:start + batch_size])
+    mean_logits.append(np.asarray(logits_fn(params, xb)))
+    logits.append(np.asarray(many(samples, xb)))
+  m = jax.device_get(evaluate_logits(np.concatenate(mean_logits),
+                                     np.concatenate(logits, axis=1),
+                                     np.asarray(y)))
+  out = {"nll": float(m["nll_mean"]), "ece": float(m["ece_mean"])}
+  if bayesian:
+    out.update({"accuracy_bma": float(m["accuracy_bma"]),
+                "nll_bma": float(m["nll_bma"]), "ece_bma": float(m["ece_bma"])})
+  return out
+
+
 def num_params(params) -> int:
   return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
 
@@ -320,6 +361,11 @@ def train_and_evaluate(config, workdir: str, *,
                     "test_loss": last_test["loss"],
                     "train_accuracy": train_metrics["accuracy"],
                     "train_loss": train_metrics["loss"]})
+    results.update(calibration(
+        graphdef, state, data.x_test, data.y_test,
+        bayesian=train_cfg.step == "foovb", forward=forward,
+        batch_size=int(train_cfg.eval_batch_size),
+        params=plan.eval_params(state.params)))
     if primary:
       results.update(_wire_totals(workdir, int(train_cfg.log_every), num_steps))
       write_json(os.path.join(workdir, "results.json"), results)
