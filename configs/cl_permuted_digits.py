@@ -8,7 +8,8 @@ order ``default_rng(100 + seed)``; 10 epochs per task; no task-boundary signal (
 to the EWC oracle). Metric: final average test accuracy, mean weights.
 
 Methods (variants): ``sgd`` (lr 0.1), ``adam`` (1e-3), ``ewc`` (online EWC oracle,
-SGD lr 0.01), ``bgd`` (FOO-VB diagonal, std_init 0.1, eta 0.5), ``foovb_kron`` (FOO-VB
+SGD lr 0.01), ``bgd`` (FOO-VB diagonal, std_init 0.1, eta 0.5), ``ivon`` (IVON,
+Shen et al. 2024), ``foovb_kron`` (FOO-VB
 Kronecker with the centred covariance statistic), ``foovb_kron_paper`` (the papers'
 estimator, which needs forgetting 1e-4 to stay plastic), ``foovb_full`` (one full covariance, with ``tiny``: an
 MLP 64-8-10). Streams: ``continuous`` (tasks blend gradually).
@@ -34,7 +35,7 @@ import ml_collections
 
 from sparse_jax.training.config import apply_variants, base_config
 
-SWEEP = dict(variants=["sgd", "adam", "ewc", "bgd", "foovb_kron_paper", "foovb_kron"],
+SWEEP = dict(variants=["sgd", "adam", "ewc", "bgd", "ivon", "foovb_kron_paper", "foovb_kron"],
              seeds=[0, 1, 2],
              metrics=["average_accuracy", "forgetting", "backward_transfer"])
 
@@ -61,15 +62,19 @@ def bgd(c):
                             num_samples=10, forgetting=0.0, centered=False)
 
 
-def ivon(c, learning_rate=0.1, ess=1400.0, hess_init=0.1, beta2=0.999):
+def ivon(c, learning_rate=0.03, ess=1400.0, hess_init=1.0):
   """IVON (Shen et al. 2024), the strong diagonal baseline: one sample per
-  step, mean-loss gradients, ess = one task's training set (1,400)."""
+  step, mean-loss gradients, ess = one task's training set (1,400), the
+  paper's beta2 = 0.99999. Chosen on seed 0 of this stream among lr {0.03,
+  0.1} x hess_init {0.1, 1} x ess {1400, 14000} (39-44 %, all close); with
+  beta2 = 0.999 the Hessian estimate of this short stream collapses and so
+  does the accuracy (8-22 %)."""
   c.train.step = "foovb"              # the K-sample step
   c.train.loss_reduction = "mean"
   c.optimizer.name = "ivon"
   c.optimizer.learning_rate = learning_rate
-  c.optimizer.kwargs = dict(ess=ess, hess_init=hess_init, beta2=beta2,
-                            weight_decay=1e-4, num_samples=1)
+  c.optimizer.kwargs = dict(ess=ess, hess_init=hess_init, weight_decay=1e-4,
+                            num_samples=1)
 
 
 def bgd_ref(c):

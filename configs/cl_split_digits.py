@@ -19,7 +19,7 @@ import os
 from sparse_jax.training.config import apply_variants, load_config_module
 
 
-SWEEP = dict(variants=["sgd", "adam", "ewc", "bgd", "foovb_kron_paper", "foovb_kron"],
+SWEEP = dict(variants=["sgd", "adam", "ewc", "bgd", "ivon", "foovb_kron_paper", "foovb_kron"],
              seeds=[0, 1, 2],
              metrics=["average_accuracy", "forgetting", "backward_transfer"])
 

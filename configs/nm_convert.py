@@ -13,7 +13,11 @@ The dense model is trained once per seed and converted to every pattern of
 
     python experiments/sweep.py --config=configs/nm_convert.py --workdir=workdirs/nm_convert
 
-Variants: ``teacher`` converts the teacher-student MLP (no BatchNorm) instead; ``smoke``.
+Variants: ``teacher`` converts the teacher-student MLP (no BatchNorm) instead;
+``wanda`` / ``sparsegpt`` choose the one-shot masks from calibration activations
+(Wanda: ``|w| ||x_j||``; SparseGPT: masks and optimal-brain-surgeon weight
+updates, layer by layer with the earlier layers pruned) instead of magnitude;
+``smoke``.
 """
 
 import ml_collections
@@ -38,6 +42,14 @@ def teacher(c):
   c.train.num_steps = 4000
 
 
+def wanda(c):
+  c.convert.criterion = "wanda"
+
+
+def sparsegpt(c):
+  c.convert.criterion = "sparsegpt"
+
+
 def smoke(c):
   _smoke(c)
   c.convert.patterns = ("T-2:4",)
@@ -55,6 +67,8 @@ def get_config(arg=None):
   c.optimizer.kwargs = dict(momentum=0.9, nesterov=True)
   c.train.num_steps = 1500
   c.convert = ml_collections.ConfigDict(dict(
-      patterns=PATTERNS, exclude=("stem", "head"), calibration_examples=256,
+      patterns=PATTERNS, exclude=("stem", "head"), criterion="magnitude",
+      calibration_examples=256,
       num_steps=1000, learning_rate=1e-3, batch_size=50))
-  return apply_variants(c, arg, {"teacher": teacher, "smoke": smoke})
+  return apply_variants(c, arg, {"teacher": teacher, "wanda": wanda,
+                                 "sparsegpt": sparsegpt, "smoke": smoke})

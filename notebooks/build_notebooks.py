@@ -613,8 +613,7 @@ CONTINUAL = [
     K = 2 if SMOKE else 10
     own = {
         "FOO-VB diagonal (BGD)": own_loop(sj.foovb(num_samples=K, init_std=0.05), K, "sum"),
-        "IVON": own_loop(sj.bayes.ivon(0.1, ess=1400.0, hess_init=0.1, beta2=0.999), 1,
-                         "mean"),
+        "IVON": own_loop(sj.bayes.ivon(0.03, ess=1400.0, hess_init=1.0), 1, "mean"),
     }
     print(f"{'nnx loop':24s} {'task 0 after 0':>15s} {'task 0 after 1':>15s} {'task 1':>7s}"
           f" {'BMA acc':>8s} {'NLL':>6s} {'ECE':>6s}")

@@ -3,12 +3,14 @@
 ``n`` always means the number of entries KEPT per group of ``m``.
 """
 
-from sparse_jax.sparsity.convert import (conv_apply, dense_apply, nm_convert,
+from sparse_jax.sparsity.convert import (conv_apply, dense_apply,
                                          reconstruct_dense_lstsq,
                                          reconstruct_layer,
                                          reconstruction_error)
 from sparse_jax.sparsity.diagnostics import (find_mask_states,
                                              sparsity_diagnostics)
+from sparse_jax.sparsity.oneshot import (nm_convert, sparsegpt,
+                                         wanda_scores)
 from sparse_jax.sparsity.leaves import axis_by_path, default_filter, leaf_name
 from sparse_jax.sparsity.projection import NMProjectionState, nm_projection
 from sparse_jax.sparsity.schedules import nm_schedule
@@ -30,6 +32,8 @@ __all__ = [
     "reconstruct_dense_lstsq",
     "reconstruct_layer",
     "reconstruction_error",
+    "sparsegpt",
     "sparsity_diagnostics",
     "sr_ste",
+    "wanda_scores",
 ]

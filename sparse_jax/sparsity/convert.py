@@ -1,7 +1,8 @@
-"""Post-training conversion to N:M: one-shot masks, then AdaPrune reconstruction.
+"""Post-training conversion to N:M: layer-wise AdaPrune reconstruction.
 
-One-shot magnitude masks, then layer-wise reconstruction of the kept weights
-on a small calibration set (AdaPrune).
+Layer-wise reconstruction of the kept weights on a small calibration set
+(AdaPrune); the one-shot masks (magnitude, Wanda, SparseGPT) and
+``nm_convert`` are in :mod:`sparse_jax.sparsity.oneshot`.
 
 The model plumbing (caching each layer's inputs, BatchNorm re-estimation)
 belongs to the training code; everything here is a pure function of arrays.
@@ -16,58 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
-from sparse_jax._core import nm_schedule
-from sparse_jax._core import trees
-from sparse_jax._core.nm_schedule import AxisSpec, MaskSpec
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def nm_convert(params, n: int, m: int, *, transposable: bool = False,
-               axis: AxisSpec = -2, method: str = "exact",
-               objective: str = "l1", mask: MaskSpec = None):
-  """One-shot magnitude conversion of a params pytree to (transposable) N:M.
-
-  Args:
-    params: dense (or unstructured-sparse) params.
-    n: entries KEPT per group of ``m``.
-    m: group size.
-    transposable: transposable N:M masks on the last two axes.
-    axis: N:M axis (int, pytree or callable; see :func:`axis_by_path`).
-    method: transposable solver (``"exact"``, ``"greedy"``,
-      ``"greedy_repair"``).
-    objective: transposable objective, ``"l1"`` or ``"l2"``.
-    mask: which leaves to convert (None: :func:`default_filter`; e.g. exclude
-      the first and last layers with ``default_filter(m, exclude=...)``).
-
-  Returns:
-    ``(sparse_params, masks)``: the params with the pruned leaves zeroed
-    outside their mask, and the masks (params structure, ``optax.MaskedNode()``
-    on leaves left dense).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from sparse_jax.sparsity import nm_convert
-    >>> params = {"kernel": jnp.array([[1.], [-3.], [2.], [0.5]]),
-    ...           "bias": jnp.ones(1)}
-    >>> sparse, masks = nm_convert(params, 2, 4)
-    >>> sparse["kernel"].ravel().tolist(), sparse["bias"].tolist()
-    ([0.0, -3.0, 2.0, 0.0], [1.0])
-
-  References:
-    Hubara et al., "Accelerated Sparse Neural Training", NeurIPS 2021,
-    https://arxiv.org/abs/2102.08124.
-  """
-  if callable(n):
-    raise ValueError("nm_convert: n must be an int.")
-  schedule = nm_schedule.make_schedule(
-      n, m, who="nm_convert", transposable=transposable, axis=axis,
-      method=method, objective=objective, mask=mask)
-  pruned, arrays, masks = schedule.oneshot(params)
-  sparse = [jnp.where(mk, w, jnp.zeros((), w.dtype))
-            for w, mk in zip(arrays, masks)]
-  idx = [p.index for p in pruned]
-  return trees.replace(params, idx, sparse), trees.scatter(params, idx, masks)
 
 
 def dense_apply(w: jax.Array, x: jax.Array) -> jax.Array:

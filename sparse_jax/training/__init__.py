@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from sparse_jax.training import transforms as _transforms  # registers names
 from sparse_jax.training.continual import run_continual
-from sparse_jax.training.conversion import run_conversion
+from sparse_jax.training.conversion import layer_calibration, run_conversion
 from sparse_jax.training.loop import STEP_BUILDERS, train_and_evaluate
 from sparse_jax.training.optim import (TRANSFORMS, BuildContext, build_optimizer,
                                        make_schedule, register_transform)
@@ -32,6 +32,7 @@ def run_experiment(config, workdir: str, **kwargs) -> dict[str, Any]:
 
 
 __all__ = ["BuildContext", "RUNNERS", "STEP_BUILDERS", "TRANSFORMS", "TrainState",
-           "build_optimizer", "evaluate", "init_train_state", "make_eval_step",
+           "build_optimizer", "evaluate", "init_train_state", "layer_calibration",
+           "make_eval_step",
            "make_schedule", "make_standard_step", "register_transform",
            "run_continual", "run_conversion", "run_experiment", "split_model", "train_and_evaluate"]

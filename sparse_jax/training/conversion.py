@@ -17,7 +17,6 @@ run in ``workdir/dense``), then reports the test accuracy after each stage.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from typing import Any
 
@@ -27,6 +26,7 @@ import optax
 from flax import nnx
 
 from sparse_jax import sparsity
+from sparse_jax._core import trees
 from sparse_jax.training.checkpoint import Checkpointer
 from sparse_jax.training.files import is_primary, write_json
 from sparse_jax.training.loop import build_run, train_and_evaluate
@@ -81,10 +81,32 @@ def _layer_apply(module):
   return sparsity.dense_apply
 
 
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
+def kernel_path(path: tuple) -> str:
+  """The name of a layer's kernel leaf in the params (``keystr`` of the path)."""
+  return jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k)
+                                    for k in (*path, "kernel")))
+
+
+def layer_calibration(graphdef, model_state: PyTree, x_calib):
+  """``params -> {kernel path: (inputs, apply_fn)}`` of every Dense / Conv layer.
+
+  The calibration callable of :func:`sparse_jax.sparsity.nm_convert`: for
+  the params it is given (the model pruned so far), each layer's inputs on
+  ``x_calib``, in call order, with the function the layer applies to its
+  kernel.
+
+  Example:
+    >>> import sparse_jax as sj
+    >>> model = sj.models.build_model("mlp", (16,), 8, hidden=(32,))
+    >>> graphdef, params, model_state = sj.training.split_model(model)
+    >>> calib = layer_calibration(graphdef, model_state, jnp.ones((4, 16)))
+    >>> list(calib(params))
+    ["['hidden'][0]['kernel']", "['head']['kernel']"]
+  """
+  def inputs(params):
+    return {kernel_path(path): (x, _layer_apply(module)) for path, module, x
+            in layer_inputs(graphdef, params, model_state, x_calib)}
+  return inputs
 
 
 def adaprune(graphdef, dense_params: PyTree, model_state: PyTree, x_calib,
@@ -105,29 +127,27 @@ def adaprune(graphdef, dense_params: PyTree, model_state: PyTree, x_calib,
     The converted params: masked kernels refitted, everything else as in
     ``dense_params``.
   """
-  params = jax.tree.map(lambda w, mk: w if isinstance(mk, optax.MaskedNode) else w * mk,
-                        dense_params, masks,
-                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  order = [path for path, _, _ in layer_inputs(graphdef, params, model_state, x_calib)]
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  params = jax.tree.map(lambda w, mk: w if is_masked(mk) else w * mk,
+                        dense_params, masks, is_leaf=is_masked)
+  mask_of = {trees.path_str(path): mk for path, mk in
+             jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked)[0]}
+  dense_of = {trees.path_str(path): w for path, w in
+              jax.tree_util.tree_flatten_with_path(dense_params)[0]}
+  calibration = layer_calibration(graphdef, model_state, x_calib)
   key = jax.random.key(seed)
-  for i, path in enumerate(order):
-    mask = _get(masks, path).get("kernel")
-    if mask is None or isinstance(mask, optax.MaskedNode):
+  for i, name in enumerate(calibration(params)):
+    mask = mask_of.get(name)
+    if mask is None or is_masked(mask):
       continue
     # Inputs of this layer through the model converted so far.
-    inputs = {tuple(p): (mod, x) for p, mod, x in
-              layer_inputs(graphdef, params, model_state, x_calib)}
-    module, x = inputs[tuple(path)]
+    x, apply_fn = calibration(params)[name]
     w_new = sparsity.reconstruct_layer(
-        x, _get(dense_params, path)["kernel"], mask, apply_fn=_layer_apply(module),
-        num_steps=num_steps, learning_rate=learning_rate, batch_size=batch_size,
+        x, dense_of[name], mask, apply_fn=apply_fn, num_steps=num_steps,
+        learning_rate=learning_rate, batch_size=batch_size,
         key=jax.random.fold_in(key, i))
-    params = copy.copy(params)
-    node = params
-    for k in path[:-1]:
-      node[k] = copy.copy(node[k])
-      node = node[k]
-    node[path[-1]] = dict(node[path[-1]], kernel=w_new)
+    index = list(dense_of).index(name)
+    params = trees.replace(params, [index], [w_new])
   return params
 
 
@@ -164,8 +184,14 @@ def parse_pattern(pattern: str) -> tuple[int, int, bool]:
 
 def convert_params(graphdef, params, model_state, calib, pattern: str, *,
                    exclude=(), num_steps=1000, learning_rate=1e-3, batch_size=50,
-                   seed=0) -> dict[str, tuple[PyTree, PyTree]]:
+                   seed=0, criterion="magnitude"
+                   ) -> dict[str, tuple[PyTree, PyTree]]:
   """Every conversion stage of ``params`` to ``pattern``.
+
+  The one-shot stage uses ``criterion`` (``"magnitude"``, ``"wanda"`` or
+  ``"sparsegpt"``, layer by layer on ``calib``; see
+  :func:`sparse_jax.sparsity.nm_convert`); the reconstruction refits the
+  kept weights of its masks (AdaPrune).
 
   Returns:
     ``{stage: (params, model_state)}`` for stages ``one_shot``, ``one_shot_bn``,
@@ -175,8 +201,11 @@ def convert_params(graphdef, params, model_state, calib, pattern: str, *,
   n, m, transposable = parse_pattern(pattern)
   mask_filter = sparsity.default_filter(m, transposable=transposable,
                                         exclude=tuple(exclude))
+  calibration = (None if criterion == "magnitude" else
+                 layer_calibration(graphdef, model_state, calib))
   one_shot, masks = sparsity.nm_convert(params, n, m, transposable=transposable,
-                                        mask=mask_filter)
+                                        mask=mask_filter, criterion=criterion,
+                                        calibration=calibration)
   rebuilt = adaprune(graphdef, params, model_state, calib, masks, num_steps=num_steps,
                      learning_rate=learning_rate, batch_size=batch_size, seed=seed)
   return {
@@ -201,8 +230,9 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
   """Trains the dense model once, converts it to every pattern, evaluates each stage.
 
   ``config.convert``: ``patterns`` (e.g. ``("2:4", "T-4:8")``), ``exclude`` (regexes of
-  layers kept dense), ``calibration_examples``, ``num_steps``, ``learning_rate``,
-  ``batch_size`` (the reconstruction's Adam).
+  layers kept dense), ``criterion`` of the one-shot masks (``"magnitude"``,
+  ``"wanda"``, ``"sparsegpt"``), ``calibration_examples``, ``num_steps``,
+  ``learning_rate``, ``batch_size`` (the reconstruction's Adam).
 
   Returns:
     Results with ``test_accuracy_dense`` and ``test_accuracy_<pattern>_<stage>``
@@ -235,7 +265,8 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
     stages = convert_params(graphdef, state.params, state.model_state, calib, pattern,
                             exclude=conv.exclude, num_steps=int(conv.num_steps),
                             learning_rate=float(conv.learning_rate),
-                            batch_size=int(conv.batch_size), seed=config.seed)
+                            batch_size=int(conv.batch_size), seed=config.seed,
+                            criterion=str(conv.get("criterion", "magnitude")))
     row = {"pattern": pattern, "dense": results["test_accuracy_dense"]}
     for stage, (params, model_state) in stages.items():
       row[stage] = accuracy(params, model_state)
