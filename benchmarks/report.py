@@ -80,6 +80,9 @@ SWEEP_COMMANDS = {
     "cl_continuous_digits": _sweep_command("cl_permuted_digits", "cl_continuous_digits",
                                            " --base=continuous"),
     "cl_split_digits": _sweep_command("cl_split_digits", "cl_split_digits"),
+    "cl_reference_digits": _sweep_command(
+        "cl_permuted_digits", "cl_reference_digits",
+        ' --variants="$(python configs/cl_permuted_digits.py reference)"'),
     "cl_tiny_digits": _sweep_command(
         "cl_permuted_digits", "cl_tiny_digits",
         " --variants='sgd,tiny;adam,tiny;bgd,tiny;foovb_kron,tiny;foovb_full,tiny'"),
@@ -496,6 +499,9 @@ class ResultsReport:
                 "evaluated on task j).", "")
       self._cl_heatmaps(name, {str(k): _matrix(v) for k, v in data.items()})
     for name, data in self._sweeps(sweeps):
+      if name == "cl_reference_digits":
+        self._cl_reference(name, data)
+        continue
       self._metric_table(_Summary(data), prefer=CL_METRICS)
       if name not in covered:
         mats = {}
@@ -508,6 +514,49 @@ class ResultsReport:
         if mats:
           self._add("Accuracy matrices (mean over the runs of each variant):", "")
           self._cl_heatmaps(name, mats)
+
+  def _cl_reference(self, name: str, data: dict[str, Any]) -> None:
+    """FOO-VB Kronecker: accuracy and wall time vs K for both statistics."""
+    s = _Summary(data)
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    rows = []
+    for v in s.variants:
+      match = re.fullmatch(r"foovb_kron,ref,(paper|centred),k(\d+)", v)
+      mean, std, seeds = s.get(v, "average_accuracy")
+      walls = [_num(r.get("wall_s")) for r in s.runs
+               if str(r.get("variant")) == v and _num(r.get("wall_s")) is not None]
+      wall = (f"{np.mean(walls):.0f} ({min(walls):.0f}-{max(walls):.0f})"
+              if walls else "")
+      f_mean, f_std, _ = s.get(v, "forgetting")
+      label = (f"FOO-VB Kronecker, {'papers' if match.group(1) == 'paper' else 'centred'}"
+               f" statistic, K={match.group(2)}" if match else v)
+      rows.append([label, seeds, _pm(mean, std, percent=True),
+                   _pm(f_mean, f_std, percent=True), wall])
+      if match and mean is not None:
+        curves.setdefault(match.group(1), []).append(
+            (int(match.group(2)), 100 * mean, 100 * (std or 0.0)))
+    self._add(*_md_table(["method", "seeds", "final average accuracy (%)",
+                          "forgetting (%)", "wall s per seed (min-max)"], rows))
+    self._add("")
+    if curves:
+      fig, ax = plt.subplots(figsize=(5.5, 3.6))
+      names = {"paper": "papers' statistic", "centred": "centred statistic"}
+      for stat, pts in sorted(curves.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=names.get(stat, stat))
+      ax.set_xscale("log")
+      ax.set_xticks(sorted({p[0] for pts in curves.values() for p in pts}))
+      ax.get_xaxis().set_major_formatter(ticker.ScalarFormatter())
+      ax.set_xlabel("Monte-Carlo samples K per step")
+      ax.set_ylabel("final average accuracy (%)")
+      ax.set_title("FOO-VB Kronecker on 10 permuted-digits tasks", fontsize=9)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
+      fig.tight_layout()
+      self._image(self._save(fig, f"{name}_accuracy_vs_k.png"),
+                  "accuracy vs K, papers' vs centred statistic")
 
   def _cl_heatmaps(self, name: str, mats: dict[str, np.ndarray | None]) -> None:
     from sparse_jax.training import cl_metrics  # lazy: imports jax

@@ -212,3 +212,49 @@ def test_nm_convert_criterion_errors_name_the_problem():
   with pytest.raises(ValueError, match="axis"):
     sj.nm_convert(params, 2, 4, criterion="sparsegpt", axis=-1,
                   calibration={"['hidden'][0]['kernel']": x})
+
+
+def test_calibration_the_kernel_cannot_read_is_rejected_naming_the_layer():
+  # Each of these used to be read silently as some other matrix.
+  import sparse_jax as sj
+  w = jnp.ones((3, 3, 4, 8))
+  x = jnp.ones((2, 6, 6, 4))
+  with pytest.raises(ValueError, match=r"\['c'\]\['kernel'\]: a Conv kernel .* conv_apply"):
+    sj.nm_convert({"c": {"kernel": w}}, 2, 4, criterion="sparsegpt",
+                  calibration={"['c']['kernel']": x})
+  with pytest.raises(ValueError, match="8 input features .* grouped"):
+    sj.nm_convert({"kernel": jnp.ones((8, 2))}, 2, 4, criterion="sparsegpt",
+                  calibration={"['kernel']": jnp.ones((3, 16))})
+  grouped = conv_apply(feature_group_count=2)
+  with pytest.raises(ValueError, match="grouped"):
+    sparsegpt(w, jnp.ones((2, 6, 6, 8)), 2, 4, apply_fn=grouped)
+  with pytest.raises(ValueError, match="takes no options"):
+    sj.nm_convert({"kernel": jnp.ones((8, 2))}, 2, 4, criterion="wanda",
+                  calibration={"['kernel']": jnp.ones((3, 8))},
+                  options={"damp": 0.5})
+
+
+def test_layer_calibration_with_a_users_own_module():
+  # A plain nnx.Module whose __call__ takes no `train`; one layer used twice.
+  from flax import nnx
+  import sparse_jax as sj
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+      self.b = nnx.Linear(8, 4, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(jax.nn.relu(self.a(x)))))
+
+  graphdef, params, rest = nnx.split(Net(), nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(16, 8)), jnp.float32)
+  calib = sj.training.layer_calibration(graphdef, rest, x)
+  got = calib(params)
+  assert list(got) == ["['a']['kernel']", "['b']['kernel']"]
+  first = jax.nn.relu(x @ params["a"]["kernel"] + params["a"]["bias"])
+  np.testing.assert_allclose(got["['a']['kernel']"][0], first, rtol=1e-5)  # last call
+  sparse, _ = sj.nm_convert(params, 2, 4, criterion="wanda", calibration=calib,
+                            mask=sj.sparsity.default_filter(4, exclude="b"))
+  assert is_nm_sparse(sparse["a"]["kernel"], 2, 4)

@@ -35,7 +35,8 @@ def single_thread_lapack() -> None:
   """Pins scipy's bundled BLAS (jaxlib's CPU LAPACK) to one thread, once.
 
   A no-op after the first call, when the user already set
-  ``OPENBLAS_NUM_THREADS`` (their choice wins), and when scipy uses a system
+  ``OPENBLAS_NUM_THREADS`` (their choice wins), when JAX's default backend
+  is not the CPU (no LAPACK on the CPU then), and when scipy uses a system
   BLAS (not found by path: nothing is changed).
   """
   global _DONE
@@ -43,6 +44,9 @@ def single_thread_lapack() -> None:
     return
   _DONE = True
   if os.environ.get("OPENBLAS_NUM_THREADS"):
+    return
+  import jax  # noqa: PLC0415
+  if jax.default_backend() != "cpu":
     return
   import scipy.linalg.cython_lapack  # noqa: F401,PLC0415  (what jaxlib loads)
   from threadpoolctl import ThreadpoolController  # noqa: PLC0415

@@ -182,7 +182,8 @@ def fixed_point_factor(a: ArrayLike, e: ArrayLike) -> jax.Array:
     e: ``(n, n)`` matrix, ``mean_k g_k eps_k^T``.
 
   Returns:
-    ``(n, n)`` factor ``X`` with ``X X^T`` the FOO-VB covariance update.
+    ``(n, n)`` factor ``X`` with ``X X^T`` the FOO-VB covariance update (in
+    at least float32).
 
   Example:
     >>> a = jnp.array([[1.0, 0.0], [0.5, 2.0]])
@@ -196,6 +197,7 @@ def fixed_point_factor(a: ArrayLike, e: ArrayLike) -> jax.Array:
     https://arxiv.org/abs/2010.00373 (section 3, the matrix equation)
   """
   a = jnp.asarray(a)
+  a = a.astype(jnp.promote_types(a.dtype, jnp.float32))   # LAPACK: f32/f64
   e = jnp.asarray(e, a.dtype)
   if a.ndim != 2 or a.shape[0] != a.shape[1] or e.shape != a.shape:
     raise ValueError(f"fixed_point_factor needs square a and e of the same "

@@ -98,8 +98,13 @@ def ivon(
     batch_size: the batch size for ``loss="sum"``.
     key: int seed or PRNG key of the sampling noise.
     mask: which leaves are Bayesian, optax style (pytree of bools, a prefix
-      or a callable); the others get plain momentum steps at the mean
-      (``sigma = 0``).
+      or a callable); the others are point estimates (``sigma = 0``, never
+      perturbed) stepped by ``lr' (g / (1 - beta1^t) + delta m) / (h0 +
+      delta)`` with the same momentum and weight decay (``lr'`` the learning
+      rate, rescaled as above): with ``rescale_lr``, momentum SGD at ``lr``.
+      (Under ``optax.masked(ivon(...), ...)`` the excluded leaves are not in
+      the state at all: ``foovb_sample`` returns them as
+      ``optax.MaskedNode``; merge in your own params before the loss.)
 
   Non-finite gradients skip the step (zero updates; state kept; counted in
   ``state.skipped``), as in FOO-VB.
@@ -160,7 +165,7 @@ def ivon(
                        key=keys.key_data(key, who=who), mean=params,
                        std=params, momentum=params, hess=params,
                        layout=_NOT_PARAMS, skipped=jnp.zeros((), jnp.int32))
-    layout = lo.build_layout(params, "diagonal", mask=mask)
+    layout = lo.build_layout(params, "diagonal", mask=mask, who=who)
     leaves, treedef = jax.tree.flatten(params, is_leaf=trees.is_masked)
     mean, std, mom, hess = [], [], [], []
     for x, kind in zip(leaves, layout.kinds):

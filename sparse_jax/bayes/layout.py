@@ -107,7 +107,7 @@ def _default_kron_tree(params: PyTree) -> PyTree:
 
 
 def build_layout(params: PyTree, covariance: str, *, mask: Filter = None,
-                 kron_filter: Filter = None) -> Layout:
+                 kron_filter: Filter = None, who: str = "foovb") -> Layout:
   """Assigns a kind to every leaf of ``params`` (see the module docstring).
 
   Args:
@@ -117,6 +117,7 @@ def build_layout(params: PyTree, covariance: str, *, mask: Filter = None,
     kron_filter: with ``"kron"``: which leaves get a Kronecker factorisation
       (default: every leaf named ``kernel`` with at least 2 axes); the others
       in ``mask`` are diagonal.
+    who: the transform named in error messages.
 
   Returns:
     The :class:`Layout`.
@@ -133,12 +134,12 @@ def build_layout(params: PyTree, covariance: str, *, mask: Filter = None,
   for a, (p, x) in zip(absent, leaves_with_path):
     dtype = None if a else getattr(x, "dtype", None)
     if not a and (dtype is None or not jnp.issubdtype(dtype, jnp.floating)):
-      raise ValueError(f"foovb: params leaf {path_string(p)} must be a "
+      raise ValueError(f"{who}: params leaf {path_string(p)} must be a "
                        f"floating-point array (every leaf gets a Gaussian "
                        f"posterior; leave it out with mask=), got "
                        f"{type(x).__name__} with dtype {dtype}.")
     dtypes.append(None if a else jnp.dtype(dtype))
-  bayes = trees.select(mask, params, who="foovb", name="mask")
+  bayes = trees.select(mask, params, who=who, name="mask")
   kinds = [ABSENT if a else DIAG if b else FIXED
            for a, b in zip(absent, bayes)]
   groups: list[KronGroup] = []
@@ -174,7 +175,7 @@ def build_layout(params: PyTree, covariance: str, *, mask: Filter = None,
           name=paths[i], kernel=i, bias=bias, kernel_shape=shape,
           fan_in=fan_in, rows=fan_in + (bias is not None), cols=cols))
   elif covariance != "diagonal":
-    raise ValueError(f"foovb: covariance must be 'diagonal', 'kron' or 'full', "
+    raise ValueError(f"{who}: covariance must be 'diagonal', 'kron' or 'full', "
                      f"got {covariance!r}.")
   full = tuple(i for i, k in enumerate(kinds) if k == FULL)
   return Layout(kinds=tuple(kinds), paths=paths, shapes=shapes,

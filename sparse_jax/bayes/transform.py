@@ -167,10 +167,6 @@ def _positive_float(value: Any, name: str, *, allow_zero: bool = False,
                             traced_ok=True)
 
 
-def _positive_int(value: Any, name: str) -> int:
-  return checks.check_int(value, name, who="foovb")
-
-
 # ----------------------------------------------------------------------------
 # Noise, flattening and sampling (shared by foovb_sample and update).
 
@@ -348,7 +344,7 @@ def foovb_sample(opt_state: PyTree, num_samples: int, *,
   References:
     https://arxiv.org/abs/2010.00373
   """
-  k = _positive_int(num_samples, "num_samples")
+  k = checks.check_int(num_samples, "num_samples", who="foovb_sample")
   samples = _sample_state(find_foovb_state(opt_state), k)
   if like is not None:
     samples = states.retype_like(samples, like, getattr(opt_state, "wrt", None))
@@ -691,8 +687,9 @@ def foovb(
   covariance, a canonical factor). On CPU the SVD runs in LAPACK on scipy's
   OpenBLAS, whose worker threads would compete with XLA's; building a
   ``"kron"``/``"full"`` transform therefore pins that library to one thread
-  (unless ``OPENBLAS_NUM_THREADS`` is set), so no environment variable is
-  needed.
+  (unless ``OPENBLAS_NUM_THREADS`` is set; only on the CPU backend), so no
+  environment variable is needed. This also makes ``scipy.linalg`` calls in
+  the same process single-threaded; restore them with ``threadpoolctl``.
 
   Args:
     covariance: ``"diagonal"``, ``"kron"`` or ``"full"``.

@@ -10,7 +10,8 @@ outputs last) the layer's output is ``X W``:
 * SparseGPT (Frantar & Alistarh 2023) walks the inputs in order, fixes each
   row's weights to the mask and moves the weights of the rows not yet visited
   to absorb the error (optimal brain surgeon with ``H = X^T X``), choosing
-  each group's mask on the updated weights by ``w^2 / [H^-1]_jj``. The inverse
+  each group's mask on the updated weights by ``w_j^2 / [H_R^-1]_jj``, ``R``
+  the rows not yet fixed. The inverse
   Hessians of the shrinking problems come from one Cholesky factor of
   ``H^-1``; rows are processed in blocks with a lazy update of the rest.
 
@@ -107,13 +108,30 @@ def patch_matrix(x: jax.typing.ArrayLike, kernel_shape: tuple[int, ...], *,
   """
   x = jnp.asarray(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  kernel_shape = tuple(kernel_shape)
+  check_calibration(x, kernel_shape, apply_fn, who="patch_matrix")
   rows = 1
   for s in kernel_shape[:-1]:
     rows *= s
-  if apply_fn is dense_apply or len(kernel_shape) == 2:
+  if len(kernel_shape) == 2:
     return x.reshape(-1, rows)
   eye = jnp.eye(rows, dtype=x.dtype).reshape(tuple(kernel_shape[:-1]) + (rows,))
   return apply_fn(eye, x).reshape(-1, rows)
+
+
+def check_calibration(x: Any, kernel_shape: tuple[int, ...], apply_fn: ApplyFn,
+                      *, who: str) -> None:
+  """Raises a ValueError (prefixed ``who``) for inputs the kernel cannot read."""
+  shape = tuple(jnp.shape(x))
+  if not shape or shape[-1] != kernel_shape[-2]:
+    raise ValueError(
+        f"{who}: the calibration inputs {shape} must have the kernel's "
+        f"{kernel_shape[-2]} input features (axis -2 of {kernel_shape}) last; "
+        "grouped convolutions (feature_group_count > 1) are not supported.")
+  if len(kernel_shape) > 2 and apply_fn is dense_apply:
+    raise ValueError(
+        f"{who}: a Conv kernel {kernel_shape} needs the layer's function: pass "
+        "(inputs, conv_apply(strides=..., padding=...)) as its calibration.")
 
 
 def sparsegpt(w: jax.typing.ArrayLike, x: jax.typing.ArrayLike, n: int, m: int, *,
@@ -128,6 +146,10 @@ def sparsegpt(w: jax.typing.ArrayLike, x: jax.typing.ArrayLike, n: int, m: int, 
   weights as updated so far), then each row is set to its masked value and
   the error is spread over the rows not yet visited, optimally for ``H = X^T
   X + damp mean(diag H) I``. With ``mask`` given, only the updates run.
+
+  As in the paper's code, an input that is zero on every calibration example
+  has its weights set to zero (nothing can be learnt about it), even where
+  the mask keeps them: use enough calibration data.
 
   Args:
     w: the dense kernel ``(..., in, out)`` (Dense or Conv).
@@ -251,7 +273,9 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
   ``(inputs, apply_fn)`` for a Conv (``conv_apply(...)``). Paths are the
   leaves' names (``jax.tree_util.keystr``, e.g. ``"['dense1']['kernel']"``).
   For a Flax NNX model, ``sparse_jax.training.layer_calibration(graphdef,
-  model_state, x)`` builds the callable.
+  model_state, x)`` builds the callable (it records ``nnx.Linear`` and
+  ``nnx.Conv`` layers). A layer's inputs must have its input features last;
+  grouped convolutions are not supported.
 
   Args:
     params: dense (or unstructured-sparse) params.
@@ -309,6 +333,9 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
       n, m, who=who, transposable=transposable, axis=axis,
       method=method, objective=objective, mask=mask)
   options = dict(options or {})
+  if criterion == "wanda" and options:
+    raise ValueError(f"{who}: criterion='wanda' takes no options, got "
+                     f"{sorted(options)}.")
   if criterion == "magnitude":
     if calibration is not None or options:
       raise ValueError(f"{who}: criterion='magnitude' uses no calibration or "
@@ -349,6 +376,7 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
     entry = inputs[p.path]
     x, apply_fn = entry if isinstance(entry, tuple) else (entry, dense_apply)
     w = trees.leaves(current)[p.index]
+    check_calibration(x, w.shape, apply_fn, who=f"{who}: {p.path}")
     if criterion == "adaprune":
       mk = schedule.compute([jnp.abs(w)], [p], count, m)[0]
       new = reconstruct_layer(x, w, mk, apply_fn=apply_fn, **options)

@@ -17,6 +17,7 @@ run in ``workdir/dense``), then reports the test accuracy after each stage.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Any
 
@@ -59,7 +60,11 @@ def _record_layer_inputs(records: list):
 
 
 def layer_inputs(graphdef, params: PyTree, model_state: PyTree, x) -> list[tuple]:
-  """Inputs of every Dense / Conv layer, in call order, for inputs ``x``.
+  """Inputs of every ``nnx.Linear`` / ``nnx.Conv`` layer, in call order, for ``x``.
+
+  The model is called as ``model(x, train=False)`` when its ``__call__``
+  takes ``train``, else ``model(x)``. A layer called twice keeps the inputs
+  of its last call.
 
   Returns:
     ``[(path, module, inputs)]`` with ``path`` the layer's key path in ``params``
@@ -69,8 +74,21 @@ def layer_inputs(graphdef, params: PyTree, model_state: PyTree, x) -> list[tuple
   paths = {id(node): path for path, node in nnx.iter_graph(model)
            if isinstance(node, _LAYER_TYPES)}
   with _record_layer_inputs([]) as records:
-    model(x, train=False)
-  return [(paths[id(module)], module, inputs) for module, inputs in records]
+    model(x, **_eval_kwargs(model))
+  # A layer called twice keeps its last inputs.
+  last = {id(module): (module, inputs) for module, inputs in records}
+  return [(paths[key], module, inputs) for key, (module, inputs) in last.items()]
+
+
+def _eval_kwargs(model) -> dict[str, Any]:
+  """``{"train": False}`` when the model's ``__call__`` takes ``train``."""
+  try:
+    params = inspect.signature(type(model).__call__).parameters
+  except (TypeError, ValueError):
+    return {}
+  takes = "train" in params or any(p.kind is p.VAR_KEYWORD
+                                   for p in params.values())
+  return {"train": False} if takes else {}
 
 
 def _layer_apply(module):
