@@ -83,6 +83,10 @@ SWEEP_COMMANDS = {
     "cl_reference_digits": _sweep_command(
         "cl_permuted_digits", "cl_reference_digits",
         ' --variants="$(python configs/cl_permuted_digits.py reference)"'),
+    "mlp_digits_calibration": _sweep_command(
+        "mlp_digits", "mlp_digits_calibration",
+        ' --variants=";bgd;foovb_kron;ivon" '
+        "--metrics=test_accuracy,nll,ece,accuracy_bma,nll_bma,ece_bma"),
     "cl_tiny_digits": _sweep_command(
         "cl_permuted_digits", "cl_tiny_digits",
         " --variants='sgd,tiny;adam,tiny;bgd,tiny;foovb_kron,tiny;foovb_full,tiny'"),
@@ -94,6 +98,9 @@ CONVERT_STAGES = {"one_shot": "one-shot", "one_shot_bn": "one-shot + BN",
                   "reconstructed": "reconstructed",
                   "reconstructed_bn": "reconstructed + BN"}
 CL_METRICS = ("average_accuracy", "forgetting", "backward_transfer")
+STATISTICS = {"paper": "papers' statistic", "centred": "centred statistic"}
+REFERENCE_BASELINES = {"bgd_ref": "FOO-VB diagonal (BGD), std_init 0.05, K=10",
+                       "sgd_ref": "SGD, lr 0.01", "adam": "Adam, lr 1e-3"}
 _PERCENT_WORDS = ("accuracy", "forgetting", "transfer")
 
 
@@ -528,8 +535,8 @@ class ResultsReport:
       wall = (f"{np.mean(walls):.0f} ({min(walls):.0f}-{max(walls):.0f})"
               if walls else "")
       f_mean, f_std, _ = s.get(v, "forgetting")
-      label = (f"FOO-VB Kronecker, {'papers' if match.group(1) == 'paper' else 'centred'}"
-               f" statistic, K={match.group(2)}" if match else v)
+      label = (f"FOO-VB Kronecker, {STATISTICS[match.group(1)]}, K={match.group(2)}"
+               if match else REFERENCE_BASELINES.get(v, v))
       rows.append([label, seeds, _pm(mean, std, percent=True),
                    _pm(f_mean, f_std, percent=True), wall])
       if match and mean is not None:
@@ -540,7 +547,7 @@ class ResultsReport:
     self._add("")
     if curves:
       fig, ax = plt.subplots(figsize=(5.5, 3.6))
-      names = {"paper": "papers' statistic", "centred": "centred statistic"}
+      names = STATISTICS
       for stat, pts in sorted(curves.items()):
         pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts],

@@ -202,3 +202,25 @@ def test_cli_is_deterministic_and_idempotent(inputs):
   assert proc.returncode == 0, proc.stderr
   assert "wrote" in proc.stdout and "missing:" in proc.stdout
   assert snapshot() == first
+
+
+def test_reference_study_table_and_accuracy_vs_k_plot(tmp_path):
+  docs = str(tmp_path / "results")
+  values = {
+      "foovb_kron,ref,paper,k10": {"average_accuracy": [0.55, 0.56],
+                                   "forgetting": [0.01, 0.02]},
+      "foovb_kron,ref,paper,k100": {"average_accuracy": [0.90, 0.89],
+                                    "forgetting": [0.03, 0.02]},
+      "foovb_kron,ref,centred,k10": {"average_accuracy": [0.86, 0.87],
+                                     "forgetting": [0.04, 0.05]},
+      "sgd_ref": {"average_accuracy": [0.40, 0.38], "forgetting": [0.6, 0.6]}}
+  walls = {v: [{"wall_s": 70.0}, {"wall_s": 90.0}] for v in values}
+  _write(os.path.join(docs, "cl_reference_digits.json"), _sweep(values, walls))
+  out = str(tmp_path / "docs" / "RESULTS.md")
+  md = _run(str(tmp_path / "none"), docs, out)
+  assert ("| FOO-VB Kronecker, papers' statistic, K=100 | 2 | 89.50 ± 0.71 | "
+          "2.50 ± 0.71 | 80 (70-90) |") in md
+  assert "| SGD, lr 0.01 | 2 |" in md
+  assert os.path.exists(tmp_path / "docs" / "figures" /
+                        "cl_reference_digits_accuracy_vs_k.png")
+  assert "cl_reference_digits_sgd_ref" not in md     # no heatmaps here
