@@ -1,5 +1,7 @@
 """The FOO-VB optax transform: sample/update consistency, chains, errors, jit/scan/vmap."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -488,30 +490,42 @@ def test_centered_needs_two_samples():
   foovb(covariance="full", num_samples=1, centered=False)  # the papers' estimator
 
 
-def test_kron_transform_pins_scipys_blas_to_one_thread(monkeypatch):
+def test_kron_transform_pins_scipys_blas_to_one_thread():
   # jaxlib's CPU LAPACK runs on scipy's bundled OpenBLAS; its worker threads
   # would fight XLA's, so building a kron/full transform pins it to one
-  # thread -- unless the user chose OPENBLAS_NUM_THREADS themselves.
-  threadpoolctl = pytest.importorskip("threadpoolctl")
-  import scipy.linalg.cython_lapack  # noqa: F401  (loads scipy's BLAS)
-  from sparse_jax._core import lapack
-  libs = lapack._scipy_blas(threadpoolctl.threadpool_info())
-  if not libs:
+  # thread -- unless the user chose OPENBLAS_NUM_THREADS themselves. Run in
+  # fresh interpreters: changing OpenBLAS's threads inside this (test)
+  # process, whose OpenBLAS started with one thread, is not safe.
+  pytest.importorskip("threadpoolctl")
+  import subprocess
+  import sys
+  script = """
+import os, sys
+import scipy.linalg.cython_lapack
+from threadpoolctl import threadpool_info
+from sparse_jax._core import lapack
+libs = lapack._scipy_blas(threadpool_info())
+if not libs:
+  print("NOLIBS"); sys.exit(0)
+threads = lambda: sorted({l["num_threads"] for l in threadpool_info() if l["filepath"] in libs})
+before = threads()
+import sparse_jax as sj
+sj.foovb(covariance="diagonal")
+mid = threads()
+sj.foovb(covariance="kron")
+print(before, mid, threads())
+"""
+  env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  def run(extra):
+    out = subprocess.run([sys.executable, "-c", script], env={**env, **extra},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+  free = run({})
+  if free == "NOLIBS":
     pytest.skip("scipy uses a system BLAS here")
-
-  def threads():
-    return {lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-            if lib["filepath"] in libs}
-
-  controller = threadpoolctl.ThreadpoolController().select(filepath=libs)
-  with controller.limit(limits=2):   # restores the original on exit
-    monkeypatch.setattr(lapack, "_DONE", False)
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    foovb(covariance="kron")           # the user's choice wins
-    assert threads() == {2}
-    monkeypatch.setattr(lapack, "_DONE", False)
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
-    foovb(covariance="diagonal")       # no LAPACK: nothing changes
-    assert threads() == {2} and not lapack._DONE
-    foovb(covariance="full")
-    assert threads() == {1}
+  before, mid, after = free.split("] [")
+  assert mid.strip("[]") == before.strip("[]")     # diagonal: no LAPACK
+  assert after.strip("[]") == "1"                  # kron: one thread
+  assert run({"OPENBLAS_NUM_THREADS": "2"}) == "[2] [2] [2]"   # user wins
