@@ -154,12 +154,15 @@ def adaprune(graphdef, dense_params: PyTree, model_state: PyTree, x_calib,
               jax.tree_util.tree_flatten_with_path(dense_params)[0]}
   calibration = layer_calibration(graphdef, model_state, x_calib)
   key = jax.random.key(seed)
-  for i, name in enumerate(calibration(params)):
+  inputs, stale = calibration(params), False
+  for i, name in enumerate(list(inputs)):
     mask = mask_of.get(name)
     if mask is None or is_masked(mask):
       continue
-    # Inputs of this layer through the model converted so far.
-    x, apply_fn = calibration(params)[name]
+    if stale:   # this layer's inputs through the model converted so far
+      inputs = calibration(params)
+    x, apply_fn = inputs[name]
+    stale = True
     w_new = sparsity.reconstruct_layer(
         x, dense_of[name], mask, apply_fn=apply_fn, num_steps=num_steps,
         learning_rate=learning_rate, batch_size=batch_size,
