@@ -16,31 +16,25 @@ Patterns: ``nm24`` (2:4), ``nm48`` (4:8), ``nm14`` (1:4), ``t24`` / ``t48``
 (transposable 2:4 / 4:8: rows and columns of every m x m tile keep n; exact masks).
 Methods: ``proj`` (hard projection after every step, mask recomputed every step),
 ``ste`` (masked forward pass, straight-through gradient to dense weights), ``srste``
-(STE + decay 2e-4 of the pruned weights, Zhou et al. 2021). No pattern: dense.
+(STE + decay 2e-4 of the pruned weights, Zhou et al. 2021), ``sste`` (S-STE's
+continuous soft-thresholding with fixed scales, Hu et al. 2024; not transposable,
+not in the sweep). No pattern: dense.
 """
 
-from sparse_jax.training.config import (apply_variants, base_config, split_pair,
-                                        teacher_data)
+from sparse_jax.training.config import (apply_variants, base_config, nm_sparsify,
+                                        split_pair, teacher_data)
 
 PATTERNS = {"nm24": (2, 4, False), "nm48": (4, 8, False), "nm14": (1, 4, False),
             "t24": (2, 4, True), "t48": (4, 8, True)}
-METHODS = ("proj", "ste", "srste")
-SWEEP = dict(variants=["dense"] + [f"{p},{m}" for p in PATTERNS for m in METHODS],
+METHODS = ("proj", "ste", "srste", "sste")
+SWEEP = dict(variants=["dense"] + [f"{p},{m}" for p in PATTERNS for m in METHODS[:3]],
              seeds=[0, 1, 2])
 
 
-def sparsify(c, pattern: str, method: str, *, exclude=("head",), decay=2e-4) -> None:
+def sparsify(c, pattern: str, method: str, **kwargs) -> None:
   """Writes the optimizer / forward spec of an N:M ``pattern`` x ``method`` into ``c``."""
   n, m, transposable = PATTERNS[pattern]
-  spec = dict(n=n, m=m, transposable=transposable, exclude=exclude)
-  if method == "proj":
-    c.optimizer.post = (dict(name="nm_projection", update_every=1, **spec),)
-  elif method in ("ste", "srste"):
-    c.train.forward = (dict(name="nm_ste", **spec),)
-    if method == "srste":
-      c.optimizer.pre = (dict(name="sr_ste", decay=decay, **spec),)
-  else:
-    raise ValueError(f"unknown N:M method {method!r}; choose one of {METHODS}")
+  nm_sparsify(c, n, m, method, transposable=transposable, **kwargs)
 
 
 def get_config(arg=None):

@@ -23,17 +23,19 @@ def _get_config(arg):
 
 
 @pytest.mark.parametrize("pattern,method", [("nm24", "proj"), ("t24", "ste"),
-                                            ("nm14", "srste"), ("t48", "proj")])
+                                            ("nm14", "srste"), ("t48", "proj"),
+                                            ("nm48", "sste")])
 def test_deployed_weights_are_nm(pattern, method, tmp_path):
   config = _get_config(f"{pattern},{method},smoke")
   results = train_and_evaluate(config, str(tmp_path))
   n, m, transposable = {"nm24": (2, 4, False), "nm14": (1, 4, False),
-                        "t24": (2, 4, True), "t48": (4, 8, True)}[pattern]
+                        "nm48": (4, 8, False), "t24": (2, 4, True),
+                        "t48": (4, 8, True)}[pattern]
   _, _, _, template = build_run(config)
   ckpt = Checkpointer(str(tmp_path))
   state = ckpt.restore_latest(template)
   ckpt.close()
-  forward = build_forward(config.train.forward)
+  forward = build_forward(config.train.forward, init_params=template.params)
   weights = state.params if forward is None else forward(state.params)
   for layer in weights["hidden"].values():
     kernel = np.asarray(layer["kernel"])
@@ -58,3 +60,20 @@ def test_deployed_weights_are_nm(pattern, method, tmp_path):
 def test_bad_variant_combination():
   with pytest.raises(ValueError, match="one pattern"):
     _get_config("nm24")
+
+
+def test_dense_finetuning_ends_the_sparse_phase(tmp_path):
+  """sr_ste + nm_ste with dense fine-tuning from step 10 of 20: the run ends
+  with dense weights, and the decay stopped with the masked forward pass."""
+  config = _get_config("nm24,srste,smoke")
+  from sparse_jax.training.config import nm_sparsify
+  nm_sparsify(config, 2, 4, "srste", dense_finetune_from=10)
+  assert config.train.forward_until == 10
+  results = train_and_evaluate(config, str(tmp_path))
+  assert results["density"] == pytest.approx(1.0)
+  bad = _get_config("nm24,srste,smoke")
+  bad.train.forward_until = 10   # sr_ste's end_step left at None
+  with pytest.raises(ValueError, match="end_step=None but config.train.forward_until=10"):
+    train_and_evaluate(bad, str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match="no transposable form"):
+    nm_sparsify(_get_config(None), 2, 4, "sste", transposable=True)

@@ -141,3 +141,105 @@ def test_traced_n_and_schedules():
     updates, state = jax.jit(tx.update)(zeros, state, params)
     pruned = np.asarray(updates["kernel"]) != 0
     assert np.all(pruned.reshape(2, 8, 2).sum(1) == 8 - int(sched(step)))
+
+
+# ------------------------------------------------------------------ S-STE --
+
+import hypothesis  # noqa: E402
+import hypothesis.extra.numpy as hnp  # noqa: E402
+import hypothesis.strategies as st  # noqa: E402
+
+from sparse_jax.sparsity import s_ste, s_ste_scales  # noqa: E402
+
+
+def _soft_reference(w, n, m):
+  """Brute force along axis 0: t = the (n+1)-th largest |w| of each group."""
+  w = np.asarray(w, np.float64)
+  out = np.zeros_like(w)
+  for g in range(w.shape[0] // m):
+    for j in range(w.shape[1]):
+      col = w[g * m:(g + 1) * m, j]
+      order = sorted(range(m), key=lambda i: (-abs(col[i]), i))
+      t = abs(col[order[n]]) if n < m else 0.0
+      for i in order[:n]:
+        out[g * m + i, j] = np.sign(col[i]) * max(abs(col[i]) - t, 0.0)
+  return out
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (8, 16), (4, 4)])
+def test_s_ste_equals_soft_thresholding_and_is_nm_sparse(n, m):
+  w = jnp.asarray(np.random.default_rng(n * m).normal(size=(2 * m, 3)),
+                  jnp.float32)
+  out = np.asarray(s_ste({"kernel": w}, n, m)["kernel"])
+  np.testing.assert_allclose(out, _soft_reference(w, n, m), atol=1e-6)
+  nonzero = (out.reshape(2, m, 3) != 0).sum(axis=1)
+  assert nonzero.max() <= n
+  grad = jax.grad(lambda p: jnp.sum(s_ste(p, n, m)["kernel"] * 3.0))(
+      {"kernel": w})["kernel"]
+  np.testing.assert_array_equal(np.asarray(grad), 3.0)  # straight through
+
+
+@hypothesis.settings(deadline=None, max_examples=30)
+@hypothesis.given(
+    hnp.arrays(np.float32, (8, 2), elements=st.floats(-4, 4, width=32)),
+    hnp.arrays(np.float32, (8, 2), elements=st.floats(-0.125, 0.125, width=32)))
+def test_s_ste_is_continuous(w, dw):
+  """2-Lipschitz in the max norm: no jump when two magnitudes swap (STE's
+  hard threshold jumps by the whole weight there)."""
+  a = np.asarray(s_ste({"k": jnp.asarray(w)}, 2, 4, mask={"k": True})["k"])
+  b = np.asarray(s_ste({"k": jnp.asarray(w + dw)}, 2, 4, mask={"k": True})["k"])
+  assert np.abs(a - b).max() <= 2 * np.abs(dw).max() + 1e-5
+
+
+def test_s_ste_scales_minimise_the_error_and_apply():
+  params = make_params(3)
+  scales = s_ste_scales(params, 2, 4)
+  assert set(scales) == {"['conv']['kernel']", "['dense']['kernel']"}
+  for key, path in [("conv", "['conv']['kernel']"),
+                    ("dense", "['dense']['kernel']")]:
+    w = np.asarray(params[key]["kernel"], np.float64)
+    soft = np.asarray(s_ste(params, 2, 4)[key]["kernel"], np.float64)
+    beta = float(scales[path])
+    best = np.vdot(w, soft) / np.vdot(soft, soft)       # least squares
+    assert beta == pytest.approx(best, rel=1e-5) and beta > 1
+    err = lambda b: np.sum((w - b * soft) ** 2)  # noqa: E731
+    assert err(beta) <= min(err(beta * 0.99), err(beta * 1.01))
+    scaled = np.asarray(s_ste(params, 2, 4, scales=scales)[key]["kernel"])
+    np.testing.assert_allclose(scaled, beta * soft, rtol=1e-5, atol=1e-6)
+  # biases untouched (default filter)
+  np.testing.assert_array_equal(s_ste(params, 2, 4)["conv"]["bias"],
+                                params["conv"]["bias"])
+
+
+def test_s_ste_bad_arguments():
+  params = make_params()
+  with pytest.raises(ValueError, match="no entry for the pruned leaf"):
+    s_ste(params, 2, 4, scales={"['dense']['kernel']": 1.0})
+  with pytest.raises(ValueError, match="scales must be the dict"):
+    s_ste(params, 2, 4, scales=2.0)
+  with pytest.raises(ValueError, match="not a schedule"):
+    s_ste(params, lambda c: 2, 4)
+  with pytest.raises(ValueError, match="m"):
+    s_ste(params, 2, True)
+
+
+def test_end_step_stops_decay_and_projection():
+  params = {"kernel": jnp.array([[1.], [-3.], [2.], [0.5]])}
+  grads = {"kernel": jnp.zeros((4, 1))}
+  tx = sr_ste(2, 4, decay=0.1, end_step=2)
+  state = tx.init(params)
+  out = []
+  for _ in range(3):
+    u, state = tx.update(grads, state, params)
+    out.append(np.asarray(u["kernel"]).ravel().tolist())
+  assert out[0] == out[1] == pytest.approx([0.1, 0, 0, 0.05])
+  assert out[2] == [0, 0, 0, 0]
+  from sparse_jax.sparsity import nm_projection
+  tx = nm_projection(2, 4, end_step=1)
+  state = tx.init(params)
+  u, state = tx.update(grads, state, params)
+  assert np.asarray(u["kernel"]).ravel().tolist() == [-1, 0, 0, -0.5]
+  u, state = tx.update(grads, state, params)
+  assert np.asarray(u["kernel"]).ravel().tolist() == [0, 0, 0, 0]
+  with pytest.raises(ValueError, match="end_step=3 must be after start_step=5"):
+    sr_ste(2, 4, start_step=5, end_step=3)

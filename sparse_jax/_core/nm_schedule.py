@@ -330,7 +330,9 @@ class MaskSchedule:
   Build it with :func:`make_schedule` (which validates). ``update_every``:
   recompute every this many steps from ``start_step`` (None: once, then
   fixed); ``start_step``: dense warm-up before it; ``init_masks``: masks
-  computed by ``init`` and used from step 0.
+  computed by ``init`` and used from step 0; ``end_step``: from this step on
+  the transform is inactive (masks held, nothing projected or decayed: dense
+  fine-tuning), None: never.
   """
   n: Any
   m: Any
@@ -344,6 +346,7 @@ class MaskSchedule:
   mask: MaskSpec
   diagnostics: bool
   who: str
+  end_step: Any = None
 
   # -- static facts
   @property
@@ -352,7 +355,8 @@ class MaskSchedule:
     return (not self.init_masks and self.update_every is not None
             and checks.is_static_int(self.update_every)
             and checks.is_static_int(self.start_step)
-            and int(self.update_every) == 1 and int(self.start_step) == 0)
+            and int(self.update_every) == 1 and int(self.start_step) == 0
+            and self.end_step is None)
 
   def structure(self, state: NMMaskState | None = None) -> tuple[int, Any]:
     """``(m, axis)``: static, from the state when injected (traced) here."""
@@ -398,11 +402,13 @@ class MaskSchedule:
     if self.always:
       return True, True
     if self.init_masks:   # masks from init are used from step 0
-      active = True
+      active = True if self.end_step is None else count < self.end_step
       recompute = False if self.update_every is None else (
-          (count > 0) & (count % self.update_every == 0))
+          active & (count > 0) & (count % self.update_every == 0))
       return active, recompute
     active = count >= self.start_step
+    if self.end_step is not None:
+      active = active & (count < self.end_step)
     recompute = (count == self.start_step) if self.update_every is None else (
         active & ((count - self.start_step) % self.update_every == 0))
     return active, recompute
@@ -505,7 +511,8 @@ def make_schedule(n: Any, m: Any, *, who: str, transposable: bool = False,
                   start_step: Any = 0, init_masks: bool = False,
                   method: str = "exact", objective: str = "l1",
                   mask: MaskSpec = None,
-                  diagnostics: bool = True) -> MaskSchedule:
+                  diagnostics: bool = True,
+                  end_step: Any = None) -> MaskSchedule:
   """A validated :class:`MaskSchedule` (errors name ``who`` and the option)."""
   n, m = check_nm_options(n, m, transposable=transposable, method=method,
                           objective=objective, who=who)
@@ -515,6 +522,12 @@ def make_schedule(n: Any, m: Any, *, who: str, transposable: bool = False,
                                   allow_none=True, traced_ok=True)
   start_step = checks.check_int(start_step, "start_step", who=who, minimum=0,
                                 traced_ok=True)
+  end_step = checks.check_int(end_step, "end_step", who=who, minimum=1,
+                              allow_none=True, traced_ok=True)
+  if (end_step is not None and checks.is_static_int(end_step)
+      and checks.is_static_int(start_step) and end_step <= start_step):
+    raise ValueError(f"{who}: end_step={end_step} must be after "
+                     f"start_step={start_step} (the transform would never act).")
   init_masks = checks.check_bool(init_masks, "init_masks", who=who)
   diagnostics = checks.check_bool(diagnostics, "diagnostics", who=who)
   if init_masks and (checks.is_traced(start_step) or start_step):
@@ -527,7 +540,7 @@ def make_schedule(n: Any, m: Any, *, who: str, transposable: bool = False,
                       update_every=update_every, start_step=start_step,
                       init_masks=init_masks, method=method,
                       objective=objective, mask=mask, diagnostics=diagnostics,
-                      who=who)
+                      who=who, end_step=end_step)
 
 
 def project(p_list: list[jax.Array], u_list: list[jax.Array],

@@ -14,7 +14,8 @@ from sparse_jax.sparsity.oneshot import (nm_convert, sparsegpt,
 from sparse_jax.sparsity.leaves import axis_by_path, default_filter, leaf_name
 from sparse_jax.sparsity.projection import NMProjectionState, nm_projection
 from sparse_jax.sparsity.schedules import nm_schedule
-from sparse_jax.sparsity.ste import SRSTEState, nm_ste, sr_ste
+from sparse_jax.sparsity.ste import (SRSTEState, nm_ste, s_ste, s_ste_scales,
+                                     sr_ste)
 
 __all__ = [
     "NMProjectionState",
@@ -32,6 +33,8 @@ __all__ = [
     "reconstruct_dense_lstsq",
     "reconstruct_layer",
     "reconstruction_error",
+    "s_ste",
+    "s_ste_scales",
     "sparsegpt",
     "sparsity_diagnostics",
     "sr_ste",

@@ -21,6 +21,7 @@ def nm_projection(
     axis: AxisSpec = -2,
     update_every: int | None = 1,
     start_step: int = 0,
+    end_step: int | None = None,
     init_masks: bool = False,
     method: str = "exact",
     objective: str = "l1",
@@ -61,6 +62,8 @@ def nm_projection(
       ``start_step``); ``None`` computes it once and keeps it fixed.
     start_step: dense warm-up: updates pass through unchanged before this step;
       the first mask is computed at this step.
+    end_step: dense fine-tuning: from this step on updates pass through
+      unchanged (the pruned entries train again); None: project to the end.
     init_masks: compute the masks in ``init`` from the params given to it and
       project from step 0 with them (e.g. to fine-tune a converted model with
       ``update_every=None``); ``start_step`` must then be 0.
@@ -114,7 +117,8 @@ def nm_projection(
   schedule = nm_schedule.make_schedule(
       n, m, who="nm_projection", transposable=transposable, axis=axis,
       update_every=update_every, start_step=start_step, init_masks=init_masks,
-      method=method, objective=objective, mask=mask, diagnostics=diagnostics)
+      method=method, objective=objective, mask=mask, diagnostics=diagnostics,
+      end_step=end_step)
 
   def init_fn(params):
     return schedule.init(params)[1]

@@ -21,7 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
   initialisation, see ``sparse_jax.training.steps.initial_params``;
   ``dirichlet_alpha``: ``None`` for i.i.d. data-parallel workers, or the
   concentration of each worker's label distribution, see
-  ``sparse_jax.data.WorkerSkewedSchedule``).
+  ``sparse_jax.data.WorkerSkewedSchedule``; ``forward``: forward-pass weight
+  transforms such as ``nm_ste`` / ``s_ste``; ``forward_until``: the step from
+  which they stop, for dense fine-tuning, None: never).
   :func:`validate` checks them before a run.
   """
   c = ml_collections.ConfigDict()
@@ -33,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="adam", learning_rate=1e-3, schedule="cosine", warmup_steps=0,
       decay_steps=0, decay_factor=0.1, kwargs={}, pre=(), post=()))
   c.train = ml_collections.ConfigDict(dict(
-      step="standard", loss_reduction="mean", forward=(), num_steps=3000, batch_size=64,
+      step="standard", loss_reduction="mean", forward=(), forward_until=None,
+      num_steps=3000, batch_size=64,
       log_every=100, eval_every=500, checkpoint_every=1000, eval_batch_size=1000,
       train_eval_examples=10_000, progress_every_secs=10.0,
       max_nonfinite_steps=20, init="default", dirichlet_alpha=None))
@@ -64,6 +67,46 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
     table[name](c)
   return c
 
+
+NM_METHODS = ("proj", "ste", "srste", "sste")
+"""N:M training methods of :func:`nm_sparsify`."""
+
+
+def nm_sparsify(c: ml_collections.ConfigDict, n: int, m: int, method: str, *,
+                transposable: bool = False, exclude=("head",), decay: float = 2e-4,
+                dense_finetune_from: int | None = None, **options) -> None:
+  """Writes the optimizer / forward spec of N:M training by ``method`` into ``c``.
+
+  ``proj``: hard projection after every step (mask recomputed every step);
+  ``ste``: masked forward pass, straight-through gradient to the dense weights;
+  ``srste``: STE + SR-STE's decay ``decay`` of the pruned weights on the
+  gradients (Zhou et al. 2021; before Adam it is Hu et al.'s masked decay);
+  ``sste``: S-STE's soft-thresholded forward pass with fixed per-tensor scales
+  (Hu, Zhu, Chen 2024; plain N:M only). ``dense_finetune_from``: from this step
+  the forward pass and the decay stop (dense fine-tuning, Hu et al. 2024;
+  STE-type methods only). ``options`` go to every N:M transform (e.g. ``axis_rules``).
+  """
+  spec = dict(n=n, m=m, exclude=tuple(exclude), **options)
+  if transposable:
+    spec["transposable"] = True
+  if method == "proj":
+    if dense_finetune_from is not None:
+      spec["end_step"] = dense_finetune_from
+    c.optimizer.post = (dict(name="nm_projection", update_every=1, **spec),)
+    return
+  if method not in NM_METHODS:
+    raise ValueError(f"unknown N:M method {method!r}; choose one of {NM_METHODS}")
+  if method == "sste":
+    if transposable:
+      raise ValueError("the sste method has no transposable form (S-STE "
+                       "thresholds each group of m); use ste or srste")
+    c.train.forward = (dict(name="s_ste", **spec),)
+  else:
+    c.train.forward = (dict(name="nm_ste", **spec),)
+  if method == "srste":
+    c.optimizer.pre = (dict(name="sr_ste", decay=decay, end_step=dense_finetune_from,
+                            **spec),)
+  c.train.forward_until = dense_finetune_from
 
 def split_pair(arg: str | None, first: Collection[str], second: Collection[str], *,
                where: str, kinds: tuple[str, str] = ("variant", "variant"),
@@ -130,9 +173,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects configs the runners cannot honour, naming the keys involved.
 
   Checked before anything is built: the loop knobs are positive ints;
-  ``sr_ste`` in ``optimizer.pre``/``post`` needs ``nm_ste`` in
+  ``sr_ste`` in ``optimizer.pre``/``post`` needs ``nm_ste`` (or ``s_ste``) in
   ``train.forward`` (SR-STE's decay assumes the masked forward pass, without it
-  the run trains dense); ``train.forward`` is only honoured by the supervised
+  the run trains dense) and its ``end_step`` equal to ``train.forward_until``
+  (dense fine-tuning from that step); ``train.forward`` is only honoured by the supervised
   runner's ``standard`` and ``data_parallel`` steps; a data-parallel batch must
   split evenly over ``train.num_devices``.
 
@@ -153,14 +197,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if init not in INITS:
     raise ValueError(f"config.train.init must be one of {INITS}, got {init!r}")
   forward = _names(train.get("forward", ()))
+  until = train.get("forward_until", None)
   for where in ("pre", "post"):
-    if "sr_ste" in _names(config.optimizer.get(where, ())) and "nm_ste" not in forward:
-      raise ValueError(
-          f"config.optimizer.{where} has sr_ste but config.train.forward has no "
-          "nm_ste: SR-STE's decay is for a masked forward pass and without it "
-          "the run trains dense; add dict(name='nm_ste', n=..., m=...) to "
-          "config.train.forward")
+    for i, item in enumerate(config.optimizer.get(where, ()) or ()):
+      item = dict(item)
+      if item.get("name") != "sr_ste":
+        continue
+      if not {"nm_ste", "s_ste"} & set(forward):
+        raise ValueError(
+            f"config.optimizer.{where} has sr_ste but config.train.forward has no "
+            "nm_ste: SR-STE's decay is for a masked forward pass and without it "
+            "the run trains dense; add dict(name='nm_ste', n=..., m=...) to "
+            "config.train.forward")
+      if item.get("end_step", None) != until:
+        raise ValueError(
+            f"config.optimizer.{where}[{i}] sr_ste has end_step="
+            f"{item.get('end_step', None)!r} but config.train.forward_until="
+            f"{until!r}: the decay and the sparse forward pass must stop at the "
+            "same step (dense fine-tuning); set both to the same value")
   step = train.get("step", "standard")
+  if until is not None:
+    if isinstance(until, bool) or not isinstance(until, int) or until < 1:
+      raise ValueError("config.train.forward_until must be None or an int >= 1, "
+                       f"got {until!r}")
+    if not forward or step != "standard":
+      raise ValueError(
+          f"config.train.forward_until={until} needs config.train.forward "
+          f"(got {tuple(forward)}) and config.train.step='standard' (got "
+          f"{step!r}): it ends the sparse forward pass for dense fine-tuning")
   if forward and (runner != "supervised" or step == "foovb"):
     raise ValueError(
         f"config.train.forward={tuple(forward)} is not applied by "

@@ -16,6 +16,7 @@ are a pure function of ``(seed, step)`` and the whole state is checkpointed.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -43,10 +44,13 @@ from sparse_jax.training.steps import (TrainState, cross_entropy, evaluate,
                                        make_standard_step, split_model)
 
 
-def _standard_builder(graphdef, tx, config):
+def _standard_builder(graphdef, tx, config, *, forward=None):
+  if forward is None:
+    forward = build_forward(config.train.get("forward", ()))
   return make_standard_step(graphdef, tx,
                             loss_reduction=config.train.get("loss_reduction") or "mean",
-                            forward=build_forward(config.train.get("forward", ())))
+                            forward=forward,
+                            forward_until=config.train.get("forward_until", None))
 
 
 def _foovb_builder(graphdef, tx, config):
@@ -70,7 +74,7 @@ class StepPlan(NamedTuple):
   eval_params: Callable = lambda params: params
 
 
-def _data_parallel_builder(graphdef, tx, config):
+def _data_parallel_builder(graphdef, tx, config, *, forward=None):
   from sparse_jax.compression import make_data_parallel_step
 
   n = int(config.train.num_devices)
@@ -82,7 +86,8 @@ def _data_parallel_builder(graphdef, tx, config):
                      "jax_num_cpu_devices)")
   mesh = jax.sharding.Mesh(np.array(devices[:n]), ("data",))
   apply = make_apply(graphdef)
-  forward = build_forward(config.train.get("forward", ())) or (lambda p: p)
+  if forward is None:
+    forward = build_forward(config.train.get("forward", ())) or (lambda p: p)
 
   def loss_fn(params, batch):  # train.forward (e.g. nm_ste) as the standard step
     logits, _ = apply(forward(params), {}, batch["x"], True)
@@ -114,7 +119,9 @@ STEP_BUILDERS: dict[str, Callable[..., Any]] = {"standard": _standard_builder,
 """Train-step builders by ``config.train.step`` name: standard, foovb, data_parallel.
 
 Each is ``builder(graphdef, tx, config)`` returning a pure ``step(state, x, y) ->
-(state, metrics)`` (the loop jits it) or a :class:`StepPlan`."""
+(state, metrics)`` (the loop jits it) or a :class:`StepPlan`. A builder with a
+``forward`` keyword receives the loop's ``config.train.forward`` (built with the
+run's initial params)."""
 
 
 class _Preemption:
@@ -270,7 +277,10 @@ def train_and_evaluate(config, workdir: str, *,
   if builder is None:
     raise ValueError(f"config.train.step={train_cfg.step!r} is not one of "
                      f"{sorted(STEP_BUILDERS)}")
-  plan = builder(graphdef, tx, config)
+  forward = build_forward(train_cfg.get("forward", ()), init_params=state.params)
+  accepts_forward = "forward" in inspect.signature(builder).parameters
+  plan = (builder(graphdef, tx, config, forward=forward) if accepts_forward
+          else builder(graphdef, tx, config))
   if not isinstance(plan, StepPlan):
     plan = StepPlan(prepare=lambda s: s, step=jax.jit(plan, donate_argnums=0))
   state = plan.prepare(state)
@@ -287,8 +297,18 @@ def train_and_evaluate(config, workdir: str, *,
     ckpt.save(step, state)
 
   step_fn = plan.step
-  eval_step = jax.jit(make_eval_step(graphdef,
-                                     forward=build_forward(train_cfg.get("forward", ()))))
+  forward_until = train_cfg.get("forward_until", None)
+  eval_steps = {}
+
+  def forward_at(step):  # the forward-pass weights' map at ``step`` (None: dense)
+    return None if forward_until is not None and step >= forward_until else forward
+
+  def eval_step_at(step):
+    sparse = forward_at(step) is not None
+    if sparse not in eval_steps:
+      eval_steps[sparse] = jax.jit(make_eval_step(
+          graphdef, forward=forward if sparse else None))
+    return eval_steps[sparse]
   alpha = train_cfg.get("dirichlet_alpha", None)
   if alpha is None or math.isinf(alpha):
     schedule = BatchSchedule(len(data.x_train), int(train_cfg.batch_size),
@@ -300,8 +320,9 @@ def train_and_evaluate(config, workdir: str, *,
         seed=config.seed)
 
   def run_eval(split_x, split_y):
-    return evaluate(eval_step, plan.eval_params(state.params), state.model_state,
-                    split_x, split_y, batch_size=int(train_cfg.eval_batch_size))
+    return evaluate(eval_step_at(int(state.step)), plan.eval_params(state.params),
+                    state.model_state, split_x, split_y,
+                    batch_size=int(train_cfg.eval_batch_size))
 
   track_masks = bool(find_mask_states(state.opt_state))
   progress = Progress(num_steps, start, every_secs=float(train_cfg.progress_every_secs))
@@ -345,8 +366,8 @@ def train_and_evaluate(config, workdir: str, *,
   wall = time.perf_counter() - t0
   if status == "completed" and not last_test:  # killed after the final checkpoint
     last_test = run_eval(data.x_test, data.y_test)
-  forward = build_forward(train_cfg.get("forward", ()))
-  weights = state.params if forward is None else forward(state.params)
+  final_forward = forward_at(int(state.step))
+  weights = state.params if final_forward is None else final_forward(state.params)
   nonzero = int(sum(np.count_nonzero(np.asarray(w)) for w in jax.tree.leaves(weights)))
   results: dict[str, Any] = {
       "name": config.get("name", ""), "status": status, "step": int(state.step),
@@ -363,7 +384,7 @@ def train_and_evaluate(config, workdir: str, *,
                     "train_loss": train_metrics["loss"]})
     results.update(calibration(
         graphdef, state, data.x_test, data.y_test,
-        bayesian=train_cfg.step == "foovb", forward=forward,
+        bayesian=train_cfg.step == "foovb", forward=final_forward,
         batch_size=int(train_cfg.eval_batch_size),
         params=plan.eval_params(state.params)))
     if primary:

@@ -144,18 +144,27 @@ FORWARD_TRANSFORMS: dict[str, Callable[..., Callable[[Any], Any]]] = {}
 """``config.train.forward`` names: ``builder(**kwargs) -> (params -> weights)``."""
 
 
-def register_forward(name: str):
-  """Registers a forward-pass weight transform builder (e.g. "nm_ste")."""
+def register_forward(name: str, *, needs_init_params: bool = False):
+  """Registers a forward-pass weight transform builder (e.g. "nm_ste").
+
+  With ``needs_init_params`` the builder also receives ``init_params=`` (the
+  run's step-0 params, e.g. for S-STE's fixed scales).
+  """
   def decorator(builder):
     if name in FORWARD_TRANSFORMS:
       raise ValueError(f"forward transform {name!r} is already registered")
+    builder.needs_init_params = needs_init_params
     FORWARD_TRANSFORMS[name] = builder
     return builder
   return decorator
 
 
-def build_forward(specs) -> Callable[[Any], Any] | None:
-  """Composes ``config.train.forward`` (a sequence of ``{"name", **kwargs}``), or None."""
+def build_forward(specs, *, init_params=None) -> Callable[[Any], Any] | None:
+  """Composes ``config.train.forward`` (a sequence of ``{"name", **kwargs}``), or None.
+
+  ``init_params``: the run's step-0 params, for transforms that need them
+  (a ValueError names the transform when they are missing).
+  """
   fns = []
   for i, item in enumerate(specs or ()):
     kwargs = dict(item)
@@ -163,7 +172,13 @@ def build_forward(specs) -> Callable[[Any], Any] | None:
     if name not in FORWARD_TRANSFORMS:
       raise ValueError(f"config.train.forward[{i}]: unknown forward transform {name!r};"
                        f" registered: {sorted(FORWARD_TRANSFORMS)}")
-    fns.append(FORWARD_TRANSFORMS[name](**kwargs))
+    builder = FORWARD_TRANSFORMS[name]
+    if getattr(builder, "needs_init_params", False):
+      if init_params is None:
+        raise ValueError(f"config.train.forward[{i}]: {name!r} needs the run's "
+                         "initial params: build_forward(..., init_params=params)")
+      kwargs["init_params"] = init_params
+    fns.append(builder(**kwargs))
   if not fns:
     return None
 

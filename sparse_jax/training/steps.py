@@ -111,7 +111,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, reduction: str = "mean",
 def make_standard_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                        *, loss_reduction: str = "mean",
                        penalty: Callable[[PyTree], jax.Array] | None = None,
-                       forward: Callable[[PyTree], PyTree] | None = None):
+                       forward: Callable[[PyTree], PyTree] | None = None,
+                       forward_until: int | None = None):
   """Builds the supervised train step ``step(state, x, y) -> (state, metrics)``.
 
   Args:
@@ -124,20 +125,27 @@ def make_standard_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       and calls ``penalty(params, penalty_args)``.
     forward: optional map from the stored params to the forward-pass weights
       (see :func:`make_loss_fn`).
+    forward_until: apply ``forward`` only while ``state.step`` is below this
+      (dense fine-tuning after it); None: always.
 
   Returns:
     A pure function; jit it (the loop does, donating the state).
   """
-  loss_fn = make_loss_fn(graphdef, reduction=loss_reduction, forward=forward)
-
-  def total_loss(params, model_state, x, y, logit_mask, penalty_args):
-    loss, aux = loss_fn(params, model_state, x, y, logit_mask)
-    if penalty is not None:
-      loss = loss + penalty(params, penalty_args)
-    return loss, aux
 
   def step(state: TrainState, x: jax.Array, y: jax.Array, penalty_args=None,
            logit_mask=None):
+    fwd = forward
+    if forward is not None and forward_until is not None:
+      sparse_phase = state.step < forward_until
+      fwd = lambda p: jax.lax.cond(sparse_phase, forward, lambda q: q, p)  # noqa: E731
+    loss_fn = make_loss_fn(graphdef, reduction=loss_reduction, forward=fwd)
+
+    def total_loss(params, model_state, x, y, logit_mask, penalty_args):
+      loss, aux = loss_fn(params, model_state, x, y, logit_mask)
+      if penalty is not None:
+        loss = loss + penalty(params, penalty_args)
+      return loss, aux
+
     grads, (model_state, loss, accuracy) = jax.grad(total_loss, has_aux=True)(
         state.params, state.model_state, x, y, logit_mask, penalty_args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

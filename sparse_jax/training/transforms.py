@@ -75,6 +75,21 @@ def _nm_ste(**kwargs):
   return lambda params: sparsity.nm_ste(params, n, m, **kwargs)
 
 
+@register_forward("s_ste", needs_init_params=True)
+def _s_ste(*, init_params, fixed_scale: bool = True, **kwargs):
+  """S-STE; ``fixed_scale`` (default, the paper's): the per-tensor scales are
+  computed once from the run's initial params; False: no scaling."""
+  kwargs = _sparsity_kwargs(kwargs)
+  n, m = kwargs.pop("n"), kwargs.pop("m")
+  if kwargs.pop("transposable", False):
+    raise ValueError("config.train.forward s_ste: transposable soft-thresholding "
+                     "is not defined (S-STE thresholds each group of m); use "
+                     "nm_ste with transposable=True")
+  scales = (sparsity.s_ste_scales(init_params, n, m, **kwargs)
+            if fixed_scale else None)
+  return lambda params: sparsity.s_ste(params, n, m, scales=scales, **kwargs)
+
+
 @register_transform("foovb")
 def _foovb(ctx, **kwargs):
   """The noise key follows ``config.seed`` unless the kwargs give ``key``."""
