@@ -5,7 +5,8 @@
 
 ``--variants`` is a ``;``-separated list of config args (each itself a comma-separated
 list of variants, as after the ``:`` of ``--config``); without it, the config file's
-``SWEEP = dict(variants=[...], seeds=[...])`` is used. ``--base`` is prepended to every
+``SWEEP = dict(variants=[...], seeds=[...])`` is used, or with ``--sweep=NAME`` its
+``SWEEPS[NAME]`` (e.g. ``configs/charlm.py``'s ``flagship``). ``--base`` is prepended to every
 variant (e.g. ``--base=smoke`` for a quick check). Completed runs are skipped on rerun.
 Writes ``workdir/sweep.json`` and ``workdir/sweep.md``.
 """
@@ -34,6 +35,8 @@ _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the config's SWEEP, o
 _METRICS = flags.DEFINE_list("metrics", None,
                              "Result keys to tabulate (default: the config's SWEEP, "
                              "or test_accuracy).")
+_SWEEP = flags.DEFINE_string("sweep", None,
+                             "A named sweep of the config file (its SWEEPS dict).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -44,6 +47,12 @@ def main(argv):
   module = load_config_module(_CONFIG.value)
   get_config = module.get_config
   defaults = getattr(module, "SWEEP", {})
+  if _SWEEP.value:
+    named = getattr(module, "SWEEPS", {})
+    if _SWEEP.value not in named:
+      raise ValueError(f"--sweep={_SWEEP.value}: {_CONFIG.value} defines the sweeps "
+                       f"{sorted(named)}")
+    defaults = named[_SWEEP.value]
   variants = (_VARIANTS.value.split(";") if _VARIANTS.value
               else list(defaults.get("variants", [""])))
   seeds = _SEEDS.value if _SEEDS.value is not None else defaults.get("seeds", [0, 1, 2])

@@ -12,9 +12,10 @@ class Dataset(NamedTuple):
 
   Attributes:
     x_train: float32 inputs ``(N, *input_shape)``.
-    y_train: int32 labels ``(N,)``.
+    y_train: int32 labels ``(N,)``, or ``(N, T)`` for a sequence task (a class
+      per position, e.g. the next character).
     x_test: float32 inputs ``(N_test, *input_shape)``.
-    y_test: int32 labels ``(N_test,)``.
+    y_test: int32 labels ``(N_test,)`` (or ``(N_test, T)``).
     num_classes: number of classes.
     name: a short description.
   """
@@ -30,34 +31,43 @@ class Dataset(NamedTuple):
     return tuple(self.x_train.shape[1:])
 
 
-def check_labels(labels, num_classes: int, where: str) -> None:
+def check_labels(labels, num_classes: int, where: str, *,
+                 sequence: bool = False) -> None:
   """Raises a ValueError naming ``where`` unless labels are ints in [0, num_classes).
 
-  Labels must be a 1-D integer array (one class index per example).
+  Labels must be a 1-D integer array (one class index per example), or 2-D
+  ``(N, T)`` with ``sequence`` (one class per position).
   """
   y = np.asarray(labels)
-  if y.ndim != 1:
-    raise ValueError(f"{where}: labels must be 1-D class indices, got shape {y.shape}")
+  if y.ndim != (2 if sequence else 1):
+    what = "2-D (examples, positions)" if sequence else "1-D"
+    raise ValueError(f"{where}: labels must be {what} class indices, got shape {y.shape}")
   if y.size and not np.issubdtype(y.dtype, np.integer):
     if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
       raise ValueError(f"{where}: labels must be integer class indices, got "
                        f"{y.dtype} values such as {y[~(y == np.round(y))][:1]}")
-  bad = np.flatnonzero((y < 0) | (y >= num_classes)) if y.size else []
+  flat = y.ravel()
+  bad = np.flatnonzero((flat < 0) | (flat >= num_classes)) if y.size else []
   if len(bad):
-    raise ValueError(f"{where}: label {y[bad[0]].item()!r} at index {bad[0]} is outside "
+    at = np.unravel_index(bad[0], y.shape)
+    at = at[0] if y.ndim == 1 else tuple(int(i) for i in at)
+    raise ValueError(f"{where}: label {flat[bad[0]].item()!r} at index {at} is outside "
                      f"[0, {num_classes}) ({len(bad)} such labels)")
 
 
 def make_dataset(x_train, y_train, x_test, y_test, num_classes: int,
-                 name: str) -> Dataset:
+                 name: str, *, sequence: bool = False) -> Dataset:
   """Builds a :class:`Dataset`, casting to float32 / int32 and checking shapes.
+
+  ``sequence``: labels are ``(N, T)``, one class per input position (``T``
+  must equal the inputs' second axis).
 
   Raises:
     ValueError: mismatched counts or shapes, or a label outside
       ``[0, num_classes)`` (naming the split, the value and its index).
   """
-  check_labels(y_train, num_classes, f"{name} train labels")
-  check_labels(y_test, num_classes, f"{name} test labels")
+  check_labels(y_train, num_classes, f"{name} train labels", sequence=sequence)
+  check_labels(y_test, num_classes, f"{name} test labels", sequence=sequence)
   arrays = [np.asarray(x_train, np.float32), np.asarray(y_train, np.int32),
             np.asarray(x_test, np.float32), np.asarray(y_test, np.int32)]
   if arrays[0].shape[0] != arrays[1].shape[0]:
@@ -66,6 +76,9 @@ def make_dataset(x_train, y_train, x_test, y_test, num_classes: int,
   if arrays[2].shape[0] != arrays[3].shape[0]:
     raise ValueError(f"{name}: {arrays[2].shape[0]} test inputs but "
                      f"{arrays[3].shape[0]} labels")
+  if sequence and arrays[0].shape[1:2] != arrays[1].shape[1:]:
+    raise ValueError(f"{name}: train inputs {arrays[0].shape} and per-position "
+                     f"labels {arrays[1].shape} differ in length")
   if arrays[0].shape[1:] != arrays[2].shape[1:]:
     raise ValueError(f"{name}: train inputs {arrays[0].shape[1:]} and test inputs "
                      f"{arrays[2].shape[1:]} differ in shape")

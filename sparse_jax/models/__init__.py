@@ -11,12 +11,14 @@ from typing import Any, Sequence
 
 from flax import nnx
 
+from sparse_jax.models.charlm import CharTransformer
 from sparse_jax.models.cnn import CNN
 from sparse_jax.models.mlp import MLP
 from sparse_jax.models.resnet import ResNet
 from sparse_jax.models.vit import ViT
 
-MODELS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "vit": ViT}
+MODELS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "vit": ViT,
+          "char_transformer": CharTransformer}
 """Model classes by ``config.model.name`` (the names :func:`build_model` takes)."""
 
 
@@ -25,7 +27,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
   """Builds a registered model by name.
 
   Args:
-    name: one of ``MODELS`` ("mlp", "cnn", "resnet", "vit").
+    name: one of ``MODELS`` ("mlp", "cnn", "resnet", "vit", "char_transformer").
     input_shape: shape of one example, e.g. ``(8, 8, 1)``.
     num_classes: number of logits.
     seed: initialisation seed.
@@ -41,4 +43,4 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
                       **kwargs)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "ResNet", "ViT", "build_model"]
+__all__ = ["CNN", "CharTransformer", "MLP", "MODELS", "ResNet", "ViT", "build_model"]

@@ -205,7 +205,7 @@ def parse_pattern(pattern: str) -> tuple[int, int, bool]:
 
 def convert_params(graphdef, params, model_state, calib, pattern: str, *,
                    exclude=(), num_steps=1000, learning_rate=1e-3, batch_size=50,
-                   seed=0, criterion="magnitude"
+                   seed=0, criterion="magnitude", stages=None
                    ) -> dict[str, tuple[PyTree, PyTree]]:
   """Every conversion stage of ``params`` to ``pattern``.
 
@@ -215,10 +215,12 @@ def convert_params(graphdef, params, model_state, calib, pattern: str, *,
   kept weights of its masks (AdaPrune).
 
   Returns:
-    ``{stage: (params, model_state)}`` for stages ``one_shot``, ``one_shot_bn``,
-    ``reconstructed``, ``reconstructed_bn`` (BatchNorm statistics re-estimated on
-    ``calib`` in the ``_bn`` stages).
+    ``{stage: (params, model_state)}`` for ``stages`` (default all of
+    :data:`STAGES`: ``one_shot``, ``one_shot_bn``, ``reconstructed``,
+    ``reconstructed_bn``; BatchNorm statistics re-estimated on ``calib`` in the
+    ``_bn`` stages).
   """
+  stages = STAGES if stages is None else tuple(stages)
   n, m, transposable = parse_pattern(pattern)
   mask_filter = sparsity.default_filter(m, transposable=transposable,
                                         exclude=tuple(exclude))
@@ -227,24 +229,34 @@ def convert_params(graphdef, params, model_state, calib, pattern: str, *,
   one_shot, masks = sparsity.nm_convert(params, n, m, transposable=transposable,
                                         mask=mask_filter, criterion=criterion,
                                         calibration=calibration)
-  rebuilt = adaprune(graphdef, params, model_state, calib, masks, num_steps=num_steps,
-                     learning_rate=learning_rate, batch_size=batch_size, seed=seed)
-  return {
-      "one_shot": (one_shot, model_state),
-      "one_shot_bn": (one_shot, reestimate_batchnorm(graphdef, one_shot, model_state,
-                                                     calib)),
-      "reconstructed": (rebuilt, model_state),
-      "reconstructed_bn": (rebuilt, reestimate_batchnorm(graphdef, rebuilt, model_state,
-                                                         calib)),
-  }
+  out = {}
+  if "one_shot" in stages:
+    out["one_shot"] = (one_shot, model_state)
+  if "one_shot_bn" in stages:
+    out["one_shot_bn"] = (one_shot, reestimate_batchnorm(graphdef, one_shot,
+                                                         model_state, calib))
+  if "reconstructed" in stages or "reconstructed_bn" in stages:
+    rebuilt = adaprune(graphdef, params, model_state, calib, masks,
+                       num_steps=num_steps, learning_rate=learning_rate,
+                       batch_size=batch_size, seed=seed)
+    if "reconstructed" in stages:
+      out["reconstructed"] = (rebuilt, model_state)
+    if "reconstructed_bn" in stages:
+      out["reconstructed_bn"] = (rebuilt, reestimate_batchnorm(
+          graphdef, rebuilt, model_state, calib))
+  return out
+
+
+STAGES = ("one_shot", "one_shot_bn", "reconstructed", "reconstructed_bn")
+"""Conversion stages, in order (``config.convert.stages`` picks some)."""
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-  """pattern, dense, then the stages in the order they ran (JSON sorts keys)."""
-  stages = [s for s in ("one_shot", "one_shot_bn", "reconstructed", "reconstructed_bn")
-            if any(s in r for r in rows)]
-  rest = [k for r in rows for k in r if k not in ("pattern", "dense", *stages)]
-  print(format_table(rows, ["pattern", "dense", *stages, *dict.fromkeys(rest)]))
+  """pattern, criterion, dense, then the stages in the order they ran."""
+  stages = [s for s in STAGES if any(s in r for r in rows)]
+  head = [k for k in ("pattern", "criterion", "metric", "dense") if any(k in r for r in rows)]
+  rest = [k for r in rows for k in r if k not in (*head, *stages)]
+  print(format_table(rows, [*head, *stages, *dict.fromkeys(rest)]))
 
 
 def run_conversion(config, workdir: str) -> dict[str, Any]:
@@ -252,18 +264,31 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
 
   ``config.convert``: ``patterns`` (e.g. ``("2:4", "T-4:8")``), ``exclude`` (regexes of
   layers kept dense), ``criterion`` of the one-shot masks (``"magnitude"``,
-  ``"wanda"``, ``"sparsegpt"``), ``calibration_examples``, ``num_steps``,
-  ``learning_rate``, ``batch_size`` (the reconstruction's Adam).
+  ``"wanda"``, ``"sparsegpt"``) or ``criteria`` (several, each reported),
+  ``stages`` (default all of :data:`STAGES`), ``calibration_examples``,
+  ``num_steps``, ``learning_rate``, ``batch_size`` (the reconstruction's Adam).
 
   Returns:
     Results with ``test_accuracy_dense`` and ``test_accuracy_<pattern>_<stage>``
-    (also ``workdir/results.json``, and a table printed).
+    (``..._<pattern>_<criterion>_<stage>`` with ``criteria``); for a sequence
+    task (labels ``(N, T)``, e.g. ``python_text``) also ``test_bpc_...``, the
+    held-out bits per character; ``subruns`` ``{"dense" or "<pattern>
+    [<criterion>] <stage>": {"test_accuracy": ..., ...}}`` (a sweep tabulates
+    each). Also
+    ``workdir/results.json``, and a table printed.
   """
   stored = begin(config, workdir)
   if stored is not None:
     _print_table(stored.get("table", []))
     return stored
   conv = config.convert
+  criteria = conv.get("criteria", None)
+  named = criteria is not None
+  criteria = tuple(criteria) if named else (str(conv.get("criterion", "magnitude")),)
+  stages_wanted = tuple(conv.get("stages", STAGES))
+  unknown = sorted(set(stages_wanted) - set(STAGES))
+  if unknown:
+    raise ValueError(f"config.convert.stages has {unknown}; choose from {STAGES}")
   dense_dir = os.path.join(workdir, "dense")
   dense_results = train_and_evaluate(config, dense_dir)
   data, graphdef, _, template = build_run(config)
@@ -273,27 +298,45 @@ def run_conversion(config, workdir: str) -> dict[str, Any]:
   eval_step = jax.jit(make_eval_step(graphdef))
   calib = data.x_train[np.random.default_rng(config.seed).permutation(
       len(data.x_train))[:int(conv.calibration_examples)]]
+  sequence = data.y_test.ndim == 2
+  metrics = ("accuracy", "bpc") if sequence else ("accuracy",)
 
-  def accuracy(params, model_state):
-    return evaluate(eval_step, params, model_state, data.x_test, data.y_test)["accuracy"]
+  def measure(params, model_state):
+    out = evaluate(eval_step, params, model_state, data.x_test, data.y_test)
+    return {"accuracy": out["accuracy"], "bpc": out["loss"] / np.log(2)}
 
+  dense = measure(state.params, state.model_state)
   results: dict[str, Any] = {"name": config.get("name", ""), "status": "completed",
-                             "dense_wall_s": dense_results.get("wall_s"),
-                             "test_accuracy_dense": accuracy(state.params,
-                                                             state.model_state)}
+                             "dense_wall_s": dense_results.get("wall_s")}
+  for metric in metrics:
+    results[f"test_{metric}_dense"] = dense[metric]
   rows = []
+  subruns = {"dense": {f"test_{metric}": dense[metric] for metric in metrics}}
   for pattern in conv.patterns:
-    stages = convert_params(graphdef, state.params, state.model_state, calib, pattern,
-                            exclude=conv.exclude, num_steps=int(conv.num_steps),
-                            learning_rate=float(conv.learning_rate),
-                            batch_size=int(conv.batch_size), seed=config.seed,
-                            criterion=str(conv.get("criterion", "magnitude")))
-    row = {"pattern": pattern, "dense": results["test_accuracy_dense"]}
-    for stage, (params, model_state) in stages.items():
-      row[stage] = accuracy(params, model_state)
-      results[f"test_accuracy_{pattern}_{stage}"] = row[stage]
-    rows.append(row)
+    for criterion in criteria:
+      stages = convert_params(graphdef, state.params, state.model_state, calib, pattern,
+                              exclude=conv.exclude, num_steps=int(conv.num_steps),
+                              learning_rate=float(conv.learning_rate),
+                              batch_size=int(conv.batch_size), seed=config.seed,
+                              criterion=criterion, stages=stages_wanted)
+      scores = {stage: measure(*pm) for stage, pm in stages.items()}
+      for stage, score in scores.items():
+        label = " ".join([pattern, *([criterion] if named else []), stage])
+        subruns[label] = {f"test_{metric}": score[metric] for metric in metrics}
+      for metric in metrics:
+        row = {"pattern": pattern}
+        if named:
+          row["criterion"] = criterion
+        if sequence:
+          row["metric"] = metric
+        row["dense"] = dense[metric]
+        for stage, score in scores.items():
+          row[stage] = score[metric]
+          key = f"{pattern}_{criterion}_{stage}" if named else f"{pattern}_{stage}"
+          results[f"test_{metric}_{key}"] = score[metric]
+        rows.append(row)
   results["table"] = rows
+  results["subruns"] = subruns   # one row each in a sweep's table
   if is_primary():
     write_json(os.path.join(workdir, "results.json"), results)
     _print_table(rows)

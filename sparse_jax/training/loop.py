@@ -204,9 +204,11 @@ def calibration(graphdef, state: TrainState, x, y, *, bayesian: bool,
     xb = np.asarray(x[start:start + batch_size])
     mean_logits.append(np.asarray(logits_fn(params, xb)))
     logits.append(np.asarray(many(samples, xb)))
-  m = jax.device_get(evaluate_logits(np.concatenate(mean_logits),
-                                     np.concatenate(logits, axis=1),
-                                     np.asarray(y)))
+  mean_logits, logits = np.concatenate(mean_logits), np.concatenate(logits, axis=1)
+  classes = mean_logits.shape[-1]   # sequence tasks: every position is a label
+  m = jax.device_get(evaluate_logits(mean_logits.reshape(-1, classes),
+                                     logits.reshape(len(logits), -1, classes),
+                                     np.asarray(y).reshape(-1)))
   out = {"nll": float(m["nll_mean"]), "ece": float(m["ece_mean"])}
   if bayesian:
     out.update({"accuracy_bma": float(m["accuracy_bma"]),
@@ -382,6 +384,8 @@ def train_and_evaluate(config, workdir: str, *,
                     "test_loss": last_test["loss"],
                     "train_accuracy": train_metrics["accuracy"],
                     "train_loss": train_metrics["loss"]})
+    if data.y_test.ndim == 2:   # language modelling: held-out bits per character
+      results["test_bpc"] = last_test["loss"] / math.log(2)
     results.update(calibration(
         graphdef, state, data.x_test, data.y_test,
         bayesian=train_cfg.step == "foovb", forward=final_forward,

@@ -173,7 +173,9 @@ def make_eval_step(graphdef: nnx.GraphDef, *,
     logits, _ = apply(weights, model_state, x, False)
     if logit_mask is not None:
       logits = jnp.where(logit_mask, logits, -1e9)
-    valid = valid.astype(jnp.float32)
+    # one weight per label: per example, or per position of a sequence task
+    valid = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (y.ndim - 1)),
+                             y.shape).astype(jnp.float32)
     return {"loss_sum": (cross_entropy(logits, y) * valid).sum(),
             "correct": ((logits.argmax(-1) == y) * valid).sum(),
             "count": valid.sum()}
@@ -195,7 +197,8 @@ def evaluate(eval_step, params: PyTree, model_state: PyTree, x, y, *,
     logit_mask: optional class mask passed to ``eval_step``.
 
   Returns:
-    ``{"loss": mean loss, "accuracy": fraction correct}``.
+    ``{"loss": mean loss, "accuracy": fraction correct}`` (per label: per
+    position for sequence labels ``(N, T)``).
   """
   import numpy as np
 
@@ -209,7 +212,7 @@ def evaluate(eval_step, params: PyTree, model_state: PyTree, x, y, *,
       pad = batch_size - len(xb)
       valid[len(xb):] = False
       xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-      yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+      yb = np.concatenate([yb, np.zeros((pad,) + yb.shape[1:], yb.dtype)])
     out = eval_step(params, model_state, xb, yb, valid, logit_mask)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)

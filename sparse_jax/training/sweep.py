@@ -8,7 +8,9 @@ summary's ``failed`` and left out of the means; the sweep goes on (a rerun retri
 it). A run preempted by SIGTERM checkpoints and the sweep stops there (before, it
 went on to the next run, so a killed sweep kept running); rerunning resumes it. The sweep
 prints one line per run (its metrics and wall time; the run's own progress
-lines and table are not shown) and the summary table.
+lines and table are not shown) and the summary table. A run whose results hold
+``subruns`` (``{label: {metric: value}}``, e.g. every stage of a conversion)
+adds one summary row per label, named ``<variant>/<label>``.
 """
 
 from __future__ import annotations
@@ -31,10 +33,17 @@ RunFn = Callable[[Any, str], dict[str, Any]]
 
 def summarize(rows: Sequence[dict[str, Any]], metrics: Sequence[str]
               ) -> list[dict[str, Any]]:
-  """Groups per-seed result rows by ``variant``: mean, std (ddof=1) and n per metric."""
+  """Groups per-seed result rows by ``variant``: mean, std (ddof=1) and n per metric.
+
+  A variant whose runs only hold ``subruns`` (none of ``metrics``) is left
+  out: its ``<variant>/<label>`` rows stand for it.
+  """
   out = []
   for variant in dict.fromkeys(r["variant"] for r in rows):
     group = [r for r in rows if r["variant"] == variant]
+    if all(r.get("subruns") for r in group) and not any(
+        r.get(m) is not None for r in group for m in metrics):
+      continue
     summary: dict[str, Any] = {"variant": variant, "seeds": len(group)}
     failed = sum(r.get("status") == "failed" for r in group)
     if failed:   # e.g. diverged (non-finite loss): no metrics, counted here
@@ -133,6 +142,9 @@ def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
                if isinstance(results.get(m), (int, float))]
       _say("  " + "  ".join(shown) + done)
       rows.append({"variant": variant, "seed": int(seed), **results})
+      for sub, values in (results.get("subruns") or {}).items():
+        rows.append({"variant": f"{variant}/{sub}", "seed": int(seed),
+                     "status": results.get("status"), **values})
   summary = summarize(rows, metrics)
   table = markdown_table(summary, metrics, percent=percent)
   if is_primary():
