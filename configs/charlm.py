@@ -90,10 +90,6 @@ def get_config(arg=None):
   if finetune and method not in ("ste", "srste", "sste"):
     raise ValueError(f"configs/charlm.py:{arg}: df (dense fine-tuning) needs a "
                      "pattern and an STE-type method (ste, srste, sste)")
-  if pattern:
-    n, m, transposable = PATTERNS[pattern]
-    nm_sparsify(c, n, m, method, transposable=transposable,
-                dense_finetune_from=(c.train.num_steps * 5 // 6 if finetune else None))
   c.name = "charlm:" + (arg or "dense")
 
   def flagship(c):  # the README's subset: one-shot conversion to 2:4 only
@@ -112,5 +108,10 @@ def get_config(arg=None):
       c.convert.num_steps = 5
       c.convert.calibration_examples = 16
 
-  return apply_variants(c, ",".join(x for x in names if x != "df"),
-                        {"convert": convert, "flagship": flagship, "smoke": smoke})
+  apply_variants(c, ",".join(x for x in names if x != "df"),
+                 {"convert": convert, "flagship": flagship, "smoke": smoke})
+  if pattern:   # after the variants: df counts the final num_steps
+    n, m, transposable = PATTERNS[pattern]
+    nm_sparsify(c, n, m, method, transposable=transposable,
+                dense_finetune_from=(c.train.num_steps * 5 // 6 if finetune else None))
+  return c

@@ -16,7 +16,10 @@ def _kwargs(name, shape):
   return {"patch": 2 if shape[0] == 8 else 4} if name == "vit" else {}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+IMAGE_MODELS = sorted(set(MODELS) - {"char_transformer"})
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_shapes(name, shape):
   model = build_model(name, shape, 10, **_kwargs(name, shape))
@@ -61,3 +64,20 @@ def test_same_seed_same_init_and_unknown_model():
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, a, c)))
   with pytest.raises(ValueError, match="config.model.name='mpl'"):
     build_model("mpl", (8, 8, 1), 10)
+
+
+def test_char_transformer_is_causal_and_checks_its_shape():
+  model = build_model("char_transformer", (12,), 128, dim=32, heads=4, depth=2,
+                      mlp_dim=64, seed=1)
+  x = jax.random.randint(jax.random.key(0), (2, 12), 0, 128).astype(jnp.float32)
+  logits = model(x)
+  assert logits.shape == (2, 12, 128)
+  changed = x.at[:, 7:].set((x[:, 7:] + 1) % 128)   # change the future only
+  later = model(changed)
+  np.testing.assert_allclose(later[:, :7], logits[:, :7], atol=1e-5)
+  assert not np.allclose(later[:, 7:], logits[:, 7:])
+  assert model(x[:, :5]).shape == (2, 5, 128)         # shorter sequences work
+  with pytest.raises(ValueError, match="seq_len"):
+    build_model("char_transformer", (8, 8, 1), 10)
+  with pytest.raises(ValueError, match="not divisible by heads"):
+    build_model("char_transformer", (8,), 10, dim=30, heads=4)

@@ -86,3 +86,20 @@ def test_unknown_runner():
   config = ml_collections.ConfigDict({"runner": "nope"})
   with pytest.raises(ValueError, match="config.runner='nope'"):
     run_experiment(config, "/tmp/unused")
+
+
+def test_subruns_become_rows_and_their_parent_is_left_out(tmp_path):
+  def fake_run(config, workdir):
+    results = {"status": "completed",
+               "subruns": {"dense": {"bpc": 2.0 + config.seed},
+                           "2:4 one_shot": {"bpc": 3.0}}}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f)
+    return results
+
+  make = lambda v: ml_collections.ConfigDict({"variant": v, "seed": -1})  # noqa: E731
+  summary = run_sweep(make, ["convert"], [0, 2], str(tmp_path), run=fake_run,
+                      metrics=["bpc"])
+  assert [r["variant"] for r in summary] == ["convert/dense", "convert/2:4 one_shot"]
+  assert summary[0]["bpc"] == pytest.approx(3.0) and summary[0]["seeds"] == 2
