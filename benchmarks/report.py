@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -87,13 +88,14 @@ SWEEP_COMMANDS = {
         "mlp_digits", "mlp_digits_calibration",
         ' --variants=";bgd;foovb_kron;ivon" '
         "--metrics=test_accuracy,nll,ece,accuracy_bma,nll_bma,ece_bma"),
+    "charlm": _sweep_command("charlm", "charlm"),
     "cl_tiny_digits": _sweep_command(
         "cl_permuted_digits", "cl_tiny_digits",
         " --variants='sgd,tiny;adam,tiny;bgd,tiny;foovb_kron,tiny;foovb_full,tiny'"),
 }
 EXPECTED_SWEEPS = ("nm_teacher", "nm_convert", "compress_digits", "compress_teacher")
 
-NM_METHODS = {"proj": "projection", "ste": "STE", "srste": "SR-STE"}
+NM_METHODS = {"proj": "projection", "ste": "STE", "srste": "SR-STE", "sste": "S-STE"}
 CONVERT_STAGES = {"one_shot": "one-shot", "one_shot_bn": "one-shot + BN",
                   "reconstructed": "reconstructed",
                   "reconstructed_bn": "reconstructed + BN"}
@@ -286,6 +288,7 @@ class ResultsReport:
               "Accuracies are test accuracies in %, mean ± std over seeds "
               "(std with ddof=1).", "")
     header_at = len(self.lines)
+    self._charlm()
     self._nm_training()
     self._nm_convert()
     self._compression()
@@ -301,6 +304,72 @@ class ResultsReport:
                else ["None: every expected input was found."])
     self.lines[header_at:header_at] = inputs + [""]
     return "\n".join(self.lines).rstrip() + "\n"
+
+  def _charlm(self) -> None:
+    self._add("## N:M on a character-level Transformer LM (the flagship)", "")
+    path = os.path.join(self.docs_dir, "charlm.json")
+    if not os.path.exists(path):
+      self._add("No `charlm.json`. Produce it with", "",
+                f"    {SWEEP_COMMANDS['charlm']}", "")
+      return
+    for name, data in self._sweeps([path]):
+      s = _Summary(data)
+      metric = "test_bpc"
+      self._add("Held-out bits per character (lower is better), mean ± std over "
+                "seeds.", "")
+      trained: dict[tuple[str, str], tuple] = {}
+      patterns: dict[str, tuple[int, int, bool]] = {}
+      other = []
+      for v in s.variants:
+        parsed = _parse_nm_variant(v)
+        if parsed is not None:
+          label, n, m, transposable, method = parsed
+          patterns.setdefault(label, (n, m, transposable))
+          trained[(label, method)] = s.get(v, metric)
+        elif s.get(v, metric)[0] is not None:
+          other.append(v)
+      methods = [k for k in NM_METHODS if any(k == mm for _, mm in trained)]
+      order = sorted(patterns, key=lambda p: (patterns[p][2], patterns[p][1], patterns[p][0]))
+      rows = [[lab] + [_pm(*trained[(lab, mm)][:2]) if (lab, mm) in trained else ""
+                       for mm in methods] for lab in order]
+      self._add("Trained sparse from scratch (1000 AdamW steps):", "")
+      self._add(*_md_table(["pattern"] + [NM_METHODS[mm] for mm in methods], rows), "")
+      if other:
+        self._add("Dense, one-shot conversion of the dense model, dense fine-tuning:",
+                  "")
+        self._add(*_md_table(["variant", "seeds", "bits per char"],
+                             [[v, s.get(v, metric)[2], _pm(*s.get(v, metric)[:2])]
+                              for v in other]), "")
+      points = []
+      from sparse_jax.masks import mask_diversity
+      for lab in order:
+        n, m, transposable = patterns[lab]
+        if (lab, "srste") in trained and trained[(lab, "srste")][0] is not None:
+          md = mask_diversity(n, m, transposable=transposable, block_size=256)
+          points.append((lab, math.log(md), trained[(lab, "srste")]))
+      if len(points) >= 3:
+        x = np.array([p[1] for p in points])
+        y = np.array([p[2][0] for p in points])
+        r = float(np.corrcoef(x, y)[0, 1])
+        rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
+        rho = float(np.corrcoef(rank(x), rank(y))[0, 1])
+        self._add("Mask diversity (Hubara et al. 2021: higher MD, better accuracy): "
+                  "SR-STE bits per character against log MD of a 256-weight block, "
+                  f"Pearson r = {r:+.2f}, Spearman rho = {rho:+.2f} (a negative value "
+                  "means more diversity, fewer bits).", "")
+        fig, ax = plt.subplots(figsize=(5.6, 3.6))
+        for lab, lx, (mean, std, _) in points:
+          ax.errorbar([lx], [mean], yerr=[std or 0.0], marker="o", capsize=3,
+                      color="C3" if lab.startswith("T-") else "C0")
+          ax.annotate(lab, (lx, mean), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)
+        ax.set_xlabel("log mask diversity (256-weight block)")
+        ax.set_ylabel("held-out bits per character")
+        ax.set_title(f"{name}: SR-STE, bits per char vs mask diversity", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        self._image(self._save(fig, f"{name}_bpc_vs_mask_diversity.png"),
+                    f"{name}: bits per character vs log mask diversity")
 
   def _nm_training(self) -> None:
     self._add("## N:M sparse training: accuracy vs density", "")
