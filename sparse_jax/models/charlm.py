@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_jax.models.vit import EncoderBlock
+
 
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention with 2-D ``nnx.Linear`` projections.
@@ -42,26 +44,11 @@ class CausalSelfAttention(nnx.Module):
     return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d))
 
 
-class Block(nnx.Module):
-  """Pre-LayerNorm block: causal self-attention + GELU MLP, both residual."""
-
-  def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
-    self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = CausalSelfAttention(dim, heads, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attn(self.ln1(x))
-    return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
-
-
 class CharTransformer(nnx.Module):
   """Next-character logits at every position of a sequence of character codes.
 
-  Token embedding + learned position embedding, ``depth`` causal pre-LN
-  blocks, a final LayerNorm and a Dense head to ``num_classes`` logits.
+  Token embedding + learned position embedding, ``depth`` pre-LN blocks
+  (:class:`~sparse_jax.models.vit.EncoderBlock` with causal attention), a final LayerNorm and a Dense head to ``num_classes`` logits.
 
   Args:
     input_shape: ``(seq_len,)``: the longest sequence it takes.
@@ -85,7 +72,10 @@ class CharTransformer(nnx.Module):
                        f"got input_shape={tuple(input_shape)}")
     self.embed = nnx.Embed(num_classes, dim, rngs=rngs)
     self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (input_shape[0], dim)))
-    self.blocks = nnx.List([Block(dim, heads, mlp_dim, rngs=rngs) for _ in range(depth)])
+    self.blocks = nnx.List([
+        EncoderBlock(dim, heads, mlp_dim, rngs=rngs,
+                     attention=CausalSelfAttention(dim, heads, rngs=rngs))
+        for _ in range(depth)])
     self.ln = nnx.LayerNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, num_classes, rngs=rngs)
 

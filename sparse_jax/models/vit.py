@@ -10,11 +10,17 @@ from flax import nnx
 
 
 class EncoderBlock(nnx.Module):
-  """Pre-LayerNorm Transformer block: multi-head self-attention + GELU MLP."""
+  """Pre-LayerNorm Transformer block: multi-head self-attention + GELU MLP.
 
-  def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
+  ``attention``: the self-attention module (default: ``nnx.MultiHeadAttention``,
+  bidirectional); it is called on the normalised tokens ``(batch, seq, dim)``.
+  """
+
+  def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
+               attention: nnx.Module | None = None):
     self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+    self.attn = (nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+                 if attention is None else attention)
     self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
     self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
     self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
