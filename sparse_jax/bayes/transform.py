@@ -672,7 +672,7 @@ def foovb(
     Which one wins depends on K (10 permuted-digits tasks, Kronecker, the
     papers' init, no forgetting; final average accuracy, papers' vs centred):
     K = 10: 55.2% vs 87.0%; K = 30: 81.9% vs
-    86.6% (one seed); K = 100: 89.8% vs 84.7%. At small K the extra
+    86.5%; K = 100: 89.8% vs 84.7%. At small K the extra
     shrinkage stalls learning after a few tasks; at large K it is small and
     protects old tasks (centred forgets more). Centred is the default for
     ``"kron"`` and ``"full"``: with the default K = 10 it is the best
