@@ -404,7 +404,7 @@ def _exact_by_paths(s, n, chunk_size):
   return _run_sorted(s, sel, num_aug, aug, chunk_size)
 
 
-def _greedy_rounds(s, n):
+def _greedy_rounds(s, n, init=None):
   """Hubara et al.'s greedy, in rounds of "locally dominant" picks.
 
   Visiting entries by descending score (lower flat index first on ties) and
@@ -413,7 +413,8 @@ def _greedy_rounds(s, n):
   of both its row and its column: nothing visited before such an entry can
   touch its row or column, so sequential greedy keeps it too. Each round keeps
   at least the best eligible entry, so at most n*m rounds; far fewer in
-  practice.
+  practice. ``init``: entries kept before the first round (at most ``n`` per
+  row and column); the rounds complete it.
   """
   m = s.shape[-1]
   neg = jnp.asarray(-jnp.inf, s.dtype)
@@ -434,19 +435,24 @@ def _greedy_rounds(s, n):
     sel = sel | dominant
     return sel, eligible(sel)
 
-  sel0 = jnp.zeros(s.shape, bool)
+  sel0 = jnp.zeros(s.shape, bool) if init is None else init
   sel, _ = lax.while_loop(lambda c: jnp.any(c[1]), body,
                           (sel0, eligible(sel0)))
   return sel
 
 
-def _in_chunks(fn, s, chunk_size):
-  """Applies ``fn`` to chunks of tiles one after another (lax.map)."""
+def _in_chunks(fn, s, chunk_size, *more):
+  """Applies ``fn`` to chunks of tiles one after another (lax.map).
+
+  ``more``: further ``(T, m, m)`` arrays chunked alike; ``fn`` then takes
+  one chunk of each.
+  """
   t, m, _ = s.shape
   chunk = int(max(1, min(chunk_size, t)))
   pad = (-t) % chunk
-  sp = jnp.pad(s, ((0, pad), (0, 0), (0, 0)))
-  out = lax.map(fn, sp.reshape(-1, chunk, m, m))
+  chunks = tuple(jnp.pad(a, ((0, pad), (0, 0), (0, 0))).reshape(-1, chunk, m, m)
+                 for a in (s, *more))
+  out = lax.map(lambda c: fn(*c), chunks)
   return out.reshape(-1, m, m)[:t]
 
 
@@ -466,9 +472,11 @@ def _greedy_repair(s, n, chunk_size):
 # "entropic": temperature (in standard deviations of the tile's scores), dual
 # rounds and Newton steps per round, and row-exchange sweeps.
 _ENTROPIC_EPS = 0.1
-_ENTROPIC_ROUNDS = 20
+_ENTROPIC_ROUNDS = 10
 _ENTROPIC_NEWTON = 3
-_EXCHANGE_SWEEPS = 2
+_EXCHANGE_SWEEPS = 1
+_GREEDY_CHUNK = 64   # a chunk's greedy rounds run until its slowest tile is done
+_REPAIR_CHUNK = 256  # a chunk's augmentations run as often as its neediest tile's
 
 
 def _soft_assignment(s, n):
@@ -535,11 +543,17 @@ def _exchange_rows(s, sel, sweeps):
 def _entropic(s, n, chunk_size):
   if s.shape[0] == 0:
     return jnp.zeros(s.shape, bool)
+  m = s.shape[-1]
   x = _in_chunks(lambda c: _soft_assignment(c, n), s, chunk_size)
-  sel = _greedy(x, n, chunk_size)
+  # Round: keep the confident entries (x > 1/2, at most n per row and column),
+  # complete greedily on x, repair the rows greedy leaves short (augmenting
+  # paths on s), then improve by row exchanges.
+  confident = (x > 0.5) & nm_mask(x, n, m, axis=-1) & nm_mask(x, n, m, axis=-2)
+  sel = _in_chunks(lambda xc, ic: _greedy_rounds(xc, n, ic > 0), x,
+                   min(chunk_size, _GREEDY_CHUNK), confident.astype(x.dtype))
   num_aug = jnp.maximum(n - sel.sum(axis=2), 0).sum(axis=-1)
   aug = lambda s_c, sel_c: _augment(s_c, sel_c, n, None, repair=True)
-  sel = _run_sorted(s, sel, num_aug, aug, chunk_size)
+  sel = _run_sorted(s, sel, num_aug, aug, min(chunk_size, _REPAIR_CHUNK))
   return _exchange_rows(s, sel, _EXCHANGE_SWEEPS)
 
 
