@@ -529,8 +529,8 @@ def _exchange_rows(s, sel, sweeps):
     take = jnp.where(sel & ~row_i, s_i - s, neg)          # (T, k, l)
     gain = give.max(axis=2) + take.max(axis=2)            # (T, k)
     k = _argmax_first(gain, 1)
-    j = _argmax_first(give, 2)[tiles, k]
-    l = _argmax_first(take, 2)[tiles, k]
+    j = _argmax_first(give[tiles, k], 1)     # only the chosen row k
+    l = _argmax_first(take[tiles, k], 1)
     do = gain[tiles, k] > tol
     flip = jnp.zeros_like(sel)
     for r, c in ((i, j), (i, l), (k, l), (k, j)):
