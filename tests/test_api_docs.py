@@ -236,8 +236,8 @@ def test_readme_keeps_quickstart_commands():
   # CI runs these two lines; they must not change by accident.
   commands = _commands(_readme())
   assert commands[:2] == [
-      "pip install -e . && python experiments/sweep.py --config=configs/nm_teacher.py "
-      "--seeds=0 --workdir=workdirs/nm_teacher",
+      "pip install -e . && python experiments/sweep.py --config=configs/charlm.py "
+      "--sweep=flagship --workdir=workdirs/charlm",
       'pip install -e ".[test]" && python -m pytest -q -n 2']
 
 
