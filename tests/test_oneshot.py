@@ -258,3 +258,50 @@ def test_layer_calibration_with_a_users_own_module():
   sparse, _ = sj.nm_convert(params, 2, 4, criterion="wanda", calibration=calib,
                             mask=sj.sparsity.default_filter(4, exclude="b"))
   assert is_nm_sparse(sparse["a"]["kernel"], 2, 4)
+
+
+def test_attention_kernels_of_multi_head_attention_convert():
+  """nnx.MultiHeadAttention's 3-D query/key/value (in, heads, head_dim) and
+  out (heads, head_dim, out) kernels are converted as the matrices their
+  flattened inputs multiply: the same result as on the 2-D matrix."""
+  import sparse_jax as sj
+  from sparse_jax.training import conversion
+  from sparse_jax.training.steps import split_model
+  model = sj.models.build_model("vit", (8, 8, 1), 10, patch=2, dim=32, heads=4,
+                                depth=1, mlp_dim=64)
+  graphdef, params, state = split_model(model)
+  x = jax.random.normal(jax.random.key(0), (48, 8, 8, 1))
+  calib = conversion.layer_calibration(graphdef, state, x)
+  inputs = calib(params)
+  attn = "['blocks'][0]['attn']"
+  assert inputs[f"{attn}['out']['kernel']"][0].shape[-1] == 32  # heads*head_dim
+  axis = sj.sparsity.axis_by_path({r"query|key|value": 0}, default=-2)
+  mask = sj.sparsity.default_filter(4, axis=axis, exclude=("head",))
+  new, masks = sj.nm_convert(params, 2, 4, axis=axis, mask=mask,
+                             criterion="sparsegpt", calibration=calib)
+  q = params["blocks"][0]["attn"]["query"]["kernel"]
+  want, want_mask = sparsegpt(q.reshape(32, 32), inputs[f"{attn}['query']['kernel']"][0],
+                              2, 4)
+  got = new["blocks"][0]["attn"]["query"]["kernel"]
+  np.testing.assert_allclose(got, want.reshape(q.shape), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(masks["blocks"][0]["attn"]["query"]["kernel"],
+                                want_mask.reshape(q.shape))
+  out = np.asarray(new["blocks"][0]["attn"]["out"]["kernel"])      # (4, 8, 32)
+  assert bool(sj.masks.is_nm_sparse(out, 2, 4, axis=-2))
+  # the runner's AdaPrune stage refits the 3-D kernels under their masks
+  rebuilt = conversion.adaprune(graphdef, params, state, x, masks, num_steps=3)
+  k = np.asarray(rebuilt["blocks"][0]["attn"]["key"]["kernel"])
+  assert bool(sj.masks.is_nm_sparse(k, 2, 4, axis=0))
+  with pytest.raises(ValueError, match="transposable masks tile the last two"):
+    only_query = jax.tree_util.tree_map_with_path(
+        lambda path, _: jax.tree_util.keystr(path).endswith("['query']['kernel']"),
+        params)
+    sj.nm_convert(params, 2, 4, axis=axis, transposable=True, mask=only_query,
+                  criterion="wanda", calibration=calib)
+  only_out = jax.tree_util.tree_map_with_path(   # its 4x4 tiles stay in a head
+      lambda path, _: jax.tree_util.keystr(path).endswith("['out']['kernel']"),
+      params)
+  new, _ = sj.nm_convert(params, 2, 4, transposable=True, mask=only_out,
+                         criterion="wanda", calibration=calib)
+  out = np.asarray(new["blocks"][0]["attn"]["out"]["kernel"])
+  assert bool(sj.masks.is_transposable_nm_sparse(out, 2, 4))

@@ -22,8 +22,13 @@ ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def dense_apply(w: jax.Array, x: jax.Array) -> jax.Array:
-  """``x @ w`` for a Dense kernel ``(in, out)`` and inputs ``(..., in)``."""
-  return x @ w
+  """``x @ w`` for a Dense kernel ``(in, out)`` and inputs ``(..., in)``.
+
+  A DenseGeneral kernel (e.g. attention's ``(in, heads, head_dim)`` or
+  ``(heads, head_dim, out)``) is read as the matrix ``(in_total, -1)`` its
+  flattened inputs ``(..., in_total)`` multiply (outputs come flat too).
+  """
+  return x @ (w if w.ndim == 2 else w.reshape(x.shape[-1], -1))
 
 
 def conv_apply(*, strides: int | Sequence[int] = 1,

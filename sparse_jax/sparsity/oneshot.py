@@ -28,6 +28,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -273,9 +275,14 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
   ``(inputs, apply_fn)`` for a Conv (``conv_apply(...)``). Paths are the
   leaves' names (``jax.tree_util.keystr``, e.g. ``"['dense1']['kernel']"``).
   For a Flax NNX model, ``sparse_jax.training.layer_calibration(graphdef,
-  model_state, x)`` builds the callable (it records ``nnx.Linear`` and
-  ``nnx.Conv`` layers). A layer's inputs must have its input features last;
-  grouped convolutions are not supported.
+  model_state, x)`` builds the callable (it records ``nnx.Linear``,
+  ``nnx.Conv`` and ``nnx.LinearGeneral`` layers, e.g. the query / key /
+  value / out of ``nnx.MultiHeadAttention``). A layer's inputs must have its
+  input features last; grouped convolutions are not supported. A
+  DenseGeneral kernel with more than two axes (query ``(in, heads,
+  head_dim)`` pruned along axis 0, out ``(heads, head_dim, out)`` along axis
+  -2) is converted as the matrix ``(inputs up to its N:M axis, the rest)``
+  that its flattened inputs multiply.
 
   Args:
     params: dense (or unstructured-sparse) params.
@@ -288,7 +295,8 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
       ``reconstruct_layer``, e.g. ``num_steps``).
     transposable: transposable N:M masks on the last two axes.
     axis: N:M axis (int, pytree or callable; see :func:`axis_by_path`); the
-      data-driven criteria need the kernels' input axis (-2).
+      data-driven criteria need the kernels' (last) input axis: -2, or 0 for
+      attention's query / key / value kernels.
     method: transposable solver (``"exact"``, ``"greedy"``,
       ``"greedy_repair"``).
     objective: transposable objective, ``"l1"`` or ``"l2"``.
@@ -355,8 +363,8 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
   m = schedule.group_size()
   pruned = schedule.select(params, m)
   leaves = trees.leaves(params)
-  for p in pruned:
-    if p.axis != leaves[p.index].ndim - 2:
+  for p in pruned:   # (a DenseGeneral kernel is checked with its inputs)
+    if leaves[p.index].ndim == 2 and p.axis % 2 != 0:
       raise ValueError(
           f"{who}: criterion={criterion!r} groups the inputs of a kernel "
           f"(axis -2), but {p.path} is pruned along axis {p.axis}.")
@@ -376,21 +384,43 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
     entry = inputs[p.path]
     x, apply_fn = entry if isinstance(entry, tuple) else (entry, dense_apply)
     w = trees.leaves(current)[p.index]
+    shape, p_leaf = w.shape, p
+    if w.ndim > 2 and apply_fn is dense_apply:
+      # A DenseGeneral kernel, e.g. attention's query (in, heads, head_dim)
+      # pruned along axis 0, or its output (heads, head_dim, out) along axis
+      # 1: the axes up to the N:M axis are its inputs, the rest its outputs,
+      # and the inputs ``x`` come flattened (what layer_calibration gives).
+      axis = p.axis % w.ndim
+      rows = math.prod(shape[:axis + 1])
+      # (transposable: only the output kernel can be, along its axis -2;
+      # its m x m tiles stay within one head, as in the 2-D view.)
+      if jnp.shape(x)[-1:] == (rows,) and axis < w.ndim - 1:
+        w, p_leaf = w.reshape(rows, -1), p._replace(axis=0)
+    if p_leaf.axis % w.ndim != w.ndim - 2:
+      raise ValueError(
+          f"{who}: criterion={criterion!r} groups the inputs of a kernel "
+          f"(axis -2), but {p.path} is pruned along axis {p.axis}.")
     check_calibration(x, w.shape, apply_fn, who=f"{who}: {p.path}")
-    if criterion == "adaprune":
-      mk = schedule.compute([jnp.abs(w)], [p], count, m)[0]
-      new = reconstruct_layer(x, w, mk, apply_fn=apply_fn, **options)
-    elif criterion == "sparsegpt" and not transposable:
-      new, mk = sparsegpt(w, x, schedule.n, m, apply_fn=apply_fn, **options)
-    else:   # wanda, or sparsegpt on a transposable mask of Wanda's scores
-      scores = wanda_scores(w, x)
-      mk = schedule.compute([scores], [p], count, m)[0]
-      new = jnp.where(mk, w, jnp.zeros((), w.dtype))
-      if criterion == "sparsegpt":
-        new, mk = sparsegpt(w, x, schedule.n, m, mask=mk, apply_fn=apply_fn,
-                            **options)
-    current = trees.replace(current, [p.index], [new])
-    masks[p.index] = mk
+    new, mk = _convert_one(criterion, schedule, transposable, w, x, apply_fn,
+                           p_leaf, count, m, options)
+    current = trees.replace(current, [p.index], [new.reshape(shape)])
+    masks[p.index] = mk.reshape(shape)
   idx = sorted(masks)
   return current, trees.scatter(params, idx, [masks[i] for i in idx])
+
+
+def _convert_one(criterion, schedule, transposable, w, x, apply_fn, p, count,
+                 m, options):
+  """``(new kernel, mask)`` of one layer by a data-driven criterion."""
+  if criterion == "adaprune":
+    mk = schedule.compute([jnp.abs(w)], [p], count, m)[0]
+    return reconstruct_layer(x, w, mk, apply_fn=apply_fn, **options), mk
+  if criterion == "sparsegpt" and not transposable:
+    return sparsegpt(w, x, schedule.n, m, apply_fn=apply_fn, **options)
+  # wanda, or sparsegpt on a transposable mask of Wanda's scores
+  mk = schedule.compute([wanda_scores(w, x)], [p], count, m)[0]
+  if criterion == "sparsegpt":
+    return sparsegpt(w, x, schedule.n, m, mask=mk, apply_fn=apply_fn, **options)
+  new = jnp.where(mk, w, jnp.zeros((), w.dtype))
+  return new, mk
 

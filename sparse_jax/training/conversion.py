@@ -36,12 +36,12 @@ from sparse_jax.training.runs import begin
 from sparse_jax.training.steps import evaluate, make_eval_step
 
 PyTree = Any
-_LAYER_TYPES = (nnx.Linear, nnx.Conv)
+_LAYER_TYPES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral)
 
 
 @contextlib.contextmanager
 def _record_layer_inputs(records: list):
-  """While active, every ``nnx.Linear`` / ``nnx.Conv`` call appends ``(module, x)``."""
+  """While active, every Linear / Conv / LinearGeneral call appends ``(module, x)``."""
   originals = {cls: cls.__call__ for cls in _LAYER_TYPES}
 
   def wrap(original):
@@ -60,7 +60,9 @@ def _record_layer_inputs(records: list):
 
 
 def layer_inputs(graphdef, params: PyTree, model_state: PyTree, x) -> list[tuple]:
-  """Inputs of every ``nnx.Linear`` / ``nnx.Conv`` layer, in call order, for ``x``.
+  """Inputs of every ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` layer
+  (e.g. the query / key / value / out of ``nnx.MultiHeadAttention``), in call
+  order, for ``x``.
 
   The model is called as ``model(x, train=False)`` when its ``__call__``
   takes ``train``, else ``model(x)``. A layer called twice keeps the inputs
@@ -91,6 +93,20 @@ def _eval_kwargs(model) -> dict[str, Any]:
   return {"train": False} if takes else {}
 
 
+def _flat_inputs(module, x):
+  """A LinearGeneral's inputs with its contracted axes flattened into one."""
+  if not isinstance(module, nnx.LinearGeneral):
+    return x
+  k = len(module.in_features)
+  axes = tuple(a % x.ndim for a in module.axis)
+  if axes != tuple(range(x.ndim - k, x.ndim)) or module.batch_axis:
+    raise ValueError(
+        f"LinearGeneral with axis={module.axis} and batch_axis="
+        f"{dict(module.batch_axis)}: only trailing contracted axes and no batch "
+        "axes are supported by the one-shot converters")
+  return x.reshape(x.shape[:x.ndim - k] + (-1,))
+
+
 def _layer_apply(module):
   if isinstance(module, nnx.Conv):
     return sparsity.conv_apply(strides=module.strides, padding=module.padding,
@@ -106,7 +122,9 @@ def kernel_path(path: tuple) -> str:
 
 
 def layer_calibration(graphdef, model_state: PyTree, x_calib):
-  """``params -> {kernel path: (inputs, apply_fn)}`` of every Dense / Conv layer.
+  """``params -> {kernel path: (inputs, apply_fn)}`` of every Dense / Conv /
+  DenseGeneral layer (a DenseGeneral's contracted input axes come flattened:
+  attention's output projection sees ``(..., heads * head_dim)``).
 
   The calibration callable of :func:`sparse_jax.sparsity.nm_convert`: for
   the params it is given (the model pruned so far), each layer's inputs on
@@ -122,8 +140,9 @@ def layer_calibration(graphdef, model_state: PyTree, x_calib):
     ["['hidden'][0]['kernel']", "['head']['kernel']"]
   """
   def inputs(params):
-    return {kernel_path(path): (x, _layer_apply(module)) for path, module, x
-            in layer_inputs(graphdef, params, model_state, x_calib)}
+    return {kernel_path(path): (_flat_inputs(module, x), _layer_apply(module))
+            for path, module, x in layer_inputs(graphdef, params, model_state,
+                                                x_calib)}
   return inputs
 
 
