@@ -5,6 +5,10 @@ magnitude, Wanda and SparseGPT; 2:4 training by projection / SR-STE / S-STE):
 
     python experiments/sweep.py --config=configs/charlm.py --sweep=flagship --workdir=workdirs/charlm
 
+One run (a pattern and a method, or ``dense``, or ``convert``):
+
+    python experiments/main.py --config=configs/charlm.py:nm24,sste --workdir=workdirs/charlm_nm24_sste
+
 The full table (every variant in ``SWEEP``, 3 seeds):
 
     python experiments/sweep.py --config=configs/charlm.py --workdir=workdirs/charlm
