@@ -1,4 +1,4 @@
-"""Flagship N:M comparison: dense vs N:M / transposable N:M x projection / STE / SR-STE.
+"""N:M on an MLP teacher task (the earlier flagship; the current one is configs/charlm.py).
 
 One run (a pattern and a method; the head stays dense):
 
