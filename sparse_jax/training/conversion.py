@@ -122,9 +122,11 @@ def kernel_path(path: tuple) -> str:
 
 
 def layer_calibration(graphdef, model_state: PyTree, x_calib):
-  """``params -> {kernel path: (inputs, apply_fn)}`` of every Dense / Conv /
-  DenseGeneral layer (a DenseGeneral's contracted input axes come flattened:
-  attention's output projection sees ``(..., heads * head_dim)``).
+  """``params -> {kernel path: (inputs, apply_fn)}`` of every Dense-like / Conv layer.
+
+  Dense, Conv and DenseGeneral layers (a DenseGeneral's contracted input axes
+  come flattened: attention's output projection sees ``(..., heads *
+  head_dim)``).
 
   The calibration callable of :func:`sparse_jax.sparsity.nm_convert`: for
   the params it is given (the model pruned so far), each layer's inputs on
