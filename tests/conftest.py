@@ -21,3 +21,19 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Drops JAX's compilation caches after every test module.
+
+  Each live XLA:CPU executable holds about six memory mappings (its JIT code
+  and data), and the jit caches keep the executables of module-level
+  functions alive. A test worker that ran most of the suite reached Linux's
+  ``vm.max_map_count`` (65,530) and LLVM's JIT then segfaulted inside
+  ``backend_compile_and_load``, in whichever test compiled next.
+  """
+  yield
+  jax.clear_caches()
