@@ -140,6 +140,8 @@ def run_sweep(make_config: Callable[[str], Any], variants: Sequence[str],
         done = " (done before)"
       shown = [f"{m} {results[m]:.4g}" for m in metrics
                if isinstance(results.get(m), (int, float))]
+      if not shown and results.get("subruns"):
+        shown = [f"{len(results['subruns'])} results, one row each below"]
       _say("  " + "  ".join(shown) + done)
       rows.append({"variant": variant, "seed": int(seed), **results})
       for sub, values in (results.get("subruns") or {}).items():
