@@ -54,8 +54,8 @@ DPI = 100
 # How each known input is produced (used when the JSON has no ``meta.command``).
 BENCHMARK_COMMANDS = {
     name: f"python -m benchmarks.{name}"
-    for name in ("compression", "foovb", "nm_mask", "nm_train_step", "train_step",
-                 "transposable")
+    for name in ("compression", "foovb", "nm_dense", "nm_mask", "nm_train_step",
+                 "train_step", "transposable")
 }
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from sparse_jax.models.charlm import CharTransformer
 from sparse_jax.models.cnn import CNN
+from sparse_jax.models.layers import NMDense, NMMask
 from sparse_jax.models.mlp import MLP
 from sparse_jax.models.resnet import ResNet
 from sparse_jax.models.vit import ViT
@@ -43,4 +44,4 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
                       **kwargs)
 
 
-__all__ = ["CNN", "CharTransformer", "MLP", "MODELS", "ResNet", "ViT", "build_model"]
+__all__ = ["CNN", "CharTransformer", "MLP", "MODELS", "NMDense", "NMMask", "ResNet", "ViT", "build_model"]

@@ -11,6 +11,7 @@ from sparse_jax.sparsity.diagnostics import (find_mask_states,
                                              sparsity_diagnostics)
 from sparse_jax.sparsity.oneshot import (nm_convert, sparsegpt,
                                          wanda_scores)
+from sparse_jax.sparsity.matmul import nm_matmul
 from sparse_jax.sparsity.leaves import axis_by_path, default_filter, leaf_name
 from sparse_jax.sparsity.projection import NMProjectionState, nm_projection
 from sparse_jax.sparsity.schedules import nm_schedule
@@ -27,6 +28,7 @@ __all__ = [
     "find_mask_states",
     "leaf_name",
     "nm_convert",
+    "nm_matmul",
     "nm_projection",
     "nm_schedule",
     "nm_ste",
