@@ -86,7 +86,13 @@ def test_killed_run_resumes_to_the_same_result(case, tmp_path, reference):
   proc = _launch(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   _assert_same_run(workdir, reference)
-  # and rerunning the completed workdir re-emits the results, no training
+
+
+def test_rerunning_a_completed_workdir_reemits_its_results(tmp_path, reference):
+  workdir = str(tmp_path / "run")
+  proc = _launch(workdir, "after_ckpt:1")   # completed after a resume
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert _launch(workdir).returncode == 0
   before = os.path.getmtime(os.path.join(workdir, "results.json"))
   proc = _launch(workdir)
   assert proc.returncode == 0 and "test_accuracy" in proc.stdout

@@ -363,11 +363,16 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
   m = schedule.group_size()
   pruned = schedule.select(params, m)
   leaves = trees.leaves(params)
-  for p in pruned:   # (a DenseGeneral kernel is checked with its inputs)
-    if leaves[p.index].ndim == 2 and p.axis % 2 != 0:
+
+  def check_axis(p, axis, ndim):   # axis: p's N:M axis in the ndim-D view
+    if axis % ndim != ndim - 2:
       raise ValueError(
           f"{who}: criterion={criterion!r} groups the inputs of a kernel "
           f"(axis -2), but {p.path} is pruned along axis {p.axis}.")
+
+  for p in pruned:   # (a DenseGeneral kernel is checked with its inputs)
+    if leaves[p.index].ndim == 2:
+      check_axis(p, p.axis, 2)
   inputs = calibration(params) if callable(calibration) else calibration
   order = {path: i for i, path in enumerate(inputs)}
   missing = [p.path for p in pruned if p.path not in order]
@@ -396,10 +401,7 @@ def nm_convert(params: PyTree, n: int, m: int, *, criterion: str = "magnitude",
       # its m x m tiles stay within one head, as in the 2-D view.)
       if jnp.shape(x)[-1:] == (rows,) and axis < w.ndim - 1:
         w, p_leaf = w.reshape(rows, -1), p._replace(axis=0)
-    if p_leaf.axis % w.ndim != w.ndim - 2:
-      raise ValueError(
-          f"{who}: criterion={criterion!r} groups the inputs of a kernel "
-          f"(axis -2), but {p.path} is pruned along axis {p.axis}.")
+    check_axis(p, p_leaf.axis, w.ndim)
     check_calibration(x, w.shape, apply_fn, who=f"{who}: {p.path}")
     new, mk = _convert_one(criterion, schedule, transposable, w, x, apply_fn,
                            p_leaf, count, m, options)
