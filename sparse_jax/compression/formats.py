@@ -224,7 +224,9 @@ def expected_relative_mse(mu, sigma, e, m, log_scale) -> jax.Array:
   tensor's max onto the format's max). Relative, not absolute: the absolute
   MSE of a wide lognormal is dominated by the few largest entries and always
   prefers fixed point (``e = 1``); relative error is what makes wide
-  distributions want exponent bits, the paper's finding.
+  distributions want exponent bits, the paper's finding. ``e``, ``m`` and
+  ``log_scale`` may be arrays of candidate formats (broadcastable); the
+  result has their shape.
   """
   mu = jnp.asarray(mu, jnp.float32)
   sigma = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)
@@ -234,9 +236,8 @@ def expected_relative_mse(mu, sigma, e, m, log_scale) -> jax.Array:
   ln2 = np.float32(np.log(2.0))
   c = mu - log_scale                 # ln(|x| / s) ~ N(c, sigma^2)
   s2 = sigma * sigma
-  cdf = lambda t: ndtr((t - c) / sigma)
 
-  def band(lo, hi, ln_h):
+  def band(lo, hi, ln_h, c):
     """E[h^2 / (12 x^2); lo <= ln x < hi] with x = |x| / s."""
     # E[exp(-2Y); lo <= Y < hi] = exp(-2c + 2 s2) * (Phi(b') - Phi(a')),
     # a' = (lo - c + 2 s2) / sigma (the lognormal's -2 moment, truncated).
@@ -246,30 +247,32 @@ def expected_relative_mse(mu, sigma, e, m, log_scale) -> jax.Array:
                 + jnp.log(jnp.maximum(mass, 1e-37)))
     return jnp.where(mass > 0, jnp.exp(jnp.minimum(log_term, 80.0)), 0.0) / 12.0
 
-  ks = jnp.arange(-130, 130, dtype=jnp.int32)     # every binade e <= 7 has
-  live = (ks >= emin) & (ks <= kmax)
-  kf = ks.astype(jnp.float32)
+  # Every binade of every format with e <= 7, on a trailing axis (so a whole
+  # array of candidate formats is one computation).
+  kf = jnp.arange(-130, 130, dtype=jnp.int32)
+  live = (kf >= emin[..., None]) & (kf <= kmax[..., None])
+  kf = kf.astype(jnp.float32)
   err = jnp.sum(jnp.where(live, band(kf * ln2, (kf + 1) * ln2,
-                                     (kf - m) * ln2), 0.0))
+                                     (kf - m[..., None]) * ln2,
+                                     jnp.expand_dims(c, -1)), 0.0), axis=-1)
   t = (emin - m - 1).astype(jnp.float32) * ln2    # half the smallest step
   err = err + band(t, emin.astype(jnp.float32) * ln2,
-                   (emin - m).astype(jnp.float32) * ln2)
-  return err + cdf(t)                              # underflow: error 1
+                   (emin - m).astype(jnp.float32) * ln2, c)
+  return err + ndtr((t - c) / sigma)               # underflow: error 1
 
 
 def choose_split(mu, sigma, log_amax, bits: int) -> tuple[jax.Array, jax.Array]:
   """``(e, m)`` of ``bits``-bit radix-2 formats minimising :func:`expected_relative_mse`.
 
   The scale maps ``exp(log_amax)`` (the tensor's max) to each format's max.
-  Candidates: every ``e`` from 1 to ``bits - 1`` (``m = bits - 1 - e``).
+  Candidates: every ``e`` from 1 to ``bits - 1`` (``m = bits - 1 - e``),
+  evaluated as one batch.
   """
   es = np.arange(1, bits, dtype=np.int32)
-  costs = []
-  for e in es:
-    m = bits - 1 - int(e)
-    log_scale = log_amax - jnp.log(max_value(int(e), m))
-    costs.append(expected_relative_mse(mu, sigma, int(e), m, log_scale))
-  e = jnp.asarray(es)[jnp.argmin(jnp.stack(costs))]
+  ms = bits - 1 - es
+  log_scale = log_amax - jnp.log(max_value(es, ms))
+  e = jnp.asarray(es)[jnp.argmin(expected_relative_mse(mu, sigma, es, ms,
+                                                       log_scale))]
   return e, bits - 1 - e
 
 
