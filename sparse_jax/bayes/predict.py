@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -286,6 +287,7 @@ def evaluate(apply_fn: ApplyFn, mean: PyTree, samples: PyTree, x: ArrayLike,
                          num_bins=num_bins)
 
 
+@functools.partial(jax.jit, static_argnames=("num_bins",))
 def evaluate_logits(mean_logits: ArrayLike, logits: ArrayLike,
                     labels: ArrayLike, *, num_bins: int = 15
                     ) -> dict[str, jax.Array]:
