@@ -13,9 +13,10 @@ straight-through training, or masked).
 Backends. ``backend(a, b, mask)`` must return ``a @ (b * mask)`` with ``a`` of
 shape ``(..., k)`` and ``b``, ``mask`` of shape ``(k, n)``. The only built-in
 backend is ``"masked_dense"`` (multiply by the mask, then a dense matmul): it
-runs everywhere and is what ``"auto"`` picks. Current JAX
-(``jax.experimental.sparse``) has no N:M sparse matmul, so a 2:4 kernel
-(e.g. cuSPARSELt through an FFI call) plugs in as a callable ``backend``.
+runs everywhere and is what ``"auto"`` picks. JAX 0.10 has no N:M sparse
+matmul (the GPU-only ``jax.experimental.sparse.nm.nm_spmm`` of 2024 is not in
+it), so a 2:4 kernel (e.g. cuSPARSELt through an FFI call) plugs in as a
+callable ``backend``.
 """
 
 from __future__ import annotations
