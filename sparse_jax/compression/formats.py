@@ -249,9 +249,9 @@ def expected_relative_mse(mu, sigma, e, m, log_scale) -> jax.Array:
 
   # Every binade of every format with e <= 7, on a trailing axis (so a whole
   # array of candidate formats is one computation).
-  kf = jnp.arange(-130, 130, dtype=jnp.int32)
-  live = (kf >= emin[..., None]) & (kf <= kmax[..., None])
-  kf = kf.astype(jnp.float32)
+  ks = jnp.arange(-130, 130, dtype=jnp.int32)
+  live = (ks >= emin[..., None]) & (ks <= kmax[..., None])
+  kf = ks.astype(jnp.float32)
   err = jnp.sum(jnp.where(live, band(kf * ln2, (kf + 1) * ln2,
                                      (kf - m[..., None]) * ln2,
                                      jnp.expand_dims(c, -1)), 0.0), axis=-1)
