@@ -225,7 +225,10 @@ def test_jit_with_donated_params_and_state(case):
   step = jax.jit(_step(tx), donate_argnums=(0, 1))
   for t in range(2):
     params, state = step(params, state, _grads(case, params, t))
-  _equal((params, state), ref)
+  # Within an ulp, not bitwise: with the suite's compile-speed flags
+  # (tests/conftest.py) XLA may order IVON's arithmetic differently when
+  # buffers are aliased. A clobbered buffer would be far off.
+  _close((params, state), ref, rtol=1e-6, atol=1e-7)
 
 
 @cases
