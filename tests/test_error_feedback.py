@@ -65,6 +65,55 @@ def test_ef_matches_the_ef14_recursion():
   assert int(state.count) == 5
 
 
+@pytest.mark.parametrize("variant", ["ef", "ef21", "econtrol"])
+def test_error_ratio_is_right_at_any_gradient_scale(variant):
+  """||unsent|| / ||lr g|| does not depend on the gradients' scale, also
+  where squares overflow (1e25) or underflow (1e-25) in float32; the clip
+  norm sees the same global norm."""
+  rng = np.random.default_rng(3)
+  g = rng.normal(size=(6, 8)).astype(np.float32)
+  g_lead = rng.normal(size=(5,)).astype(np.float32)   # not compressed
+  ratios, scales = [], []
+  for scale in (1e-25, 1.0, 1e25):
+    for clip in (None, 0.5 * scale):
+      tx = C.error_feedback(C.top_k(0.25), variant=variant, clip_norm=clip,
+                            mask={"a": False, "w": True})
+      params = {"a": jnp.zeros(5), "w": jnp.zeros((6, 8))}
+      updates, state = jax.jit(tx.update)(
+          {"a": jnp.asarray(g_lead * scale), "w": jnp.asarray(g * scale)},
+          tx.init(params), params)
+      ratios.append(float(state.local.error_ratio))
+      if clip is not None:   # clipped to the global norm of both leaves
+        total = np.sqrt(np.sum(g.astype(np.float64) ** 2)
+                        + np.sum(g_lead.astype(np.float64) ** 2))
+        sent = np.linalg.norm(np.asarray(updates["a"], np.float64))
+        scales.append(sent / (np.linalg.norm(g_lead) * scale) * total / 0.5)
+  np.testing.assert_allclose(ratios, ratios[2], rtol=1e-5)
+  assert 0.0 < ratios[0] < 1.0
+  np.testing.assert_allclose(scales, 1.0, rtol=1e-5)
+
+
+def test_numerics_helpers_against_float64():
+  from sparse_jax._core import numerics
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(50,)).astype(np.float32)
+  for scale in (1e-30, 1e-20, 1.0, 1e20, 1e30):
+    xs = (x * scale).astype(np.float32)
+    want = np.max(np.abs(xs.astype(np.float64)))
+    got = numerics.max_abs([jnp.asarray(xs), jnp.zeros((0,))])
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    norm = numerics.scaled_sq_norm(jnp.asarray(xs), jnp.float32(1 / want))
+    np.testing.assert_allclose(
+        float(norm), np.sum((xs.astype(np.float64) / want) ** 2), rtol=1e-5)
+  for bad in (np.nan, np.inf, -np.inf):
+    y = x.copy()
+    y[7] = bad
+    assert np.isnan(float(numerics.max_abs([jnp.asarray(x), jnp.asarray(y)])))
+    assert not bool(numerics.all_finite([jnp.asarray(y)]))
+  assert bool(numerics.all_finite([jnp.asarray(x), jnp.zeros((0,))]))
+  assert float(numerics.max_abs([-jnp.asarray(np.abs(x))])) == np.max(np.abs(x))
+
+
 def test_learning_rate_inside_equals_outside_for_constant_lr():
   """error_feedback(lr) == chain(error_feedback(), sgd(lr)); e scales by lr."""
   rng = np.random.default_rng(1)

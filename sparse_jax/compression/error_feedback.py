@@ -309,8 +309,7 @@ def _unsent_sq_norm(comp: Compressor, p: jax.Array, c, inv_scale) -> jax.Array:
 def _global_norm(leaves, inv_scale=1.0) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32) * inv_scale))
-                      for x in leaves))
+  return jnp.sqrt(sum(numerics.scaled_sq_norm(x, inv_scale) for x in leaves))
 
 
 def _check_per_worker(updates, axis_name, who: str) -> None:
@@ -603,24 +602,31 @@ def error_feedback(
       lr = learning_rate(count)
     else:
       lr = learning_rate
-    # One pass for max |g|: non-finite anywhere -> this worker skips the step
-    # (zeros in, nothing sent, local state kept); finite -> the scale that
-    # keeps the norms below from overflowing or underflowing.
+    # max |g|: non-finite anywhere -> this worker skips the step (zeros in,
+    # nothing sent, local state kept); finite -> the scale that keeps the
+    # norms below from overflowing or underflowing.
     present = [g for g, gone in zip(grads, absent) if not gone]
     gmax = numerics.max_abs(present)
     finite = jnp.isfinite(gmax)
+    gmax = jnp.where(finite, gmax, 0.0)
+    inv_scale = 1.0 / jnp.where(gmax > 0, gmax, 1.0)
+    # ||g|| / max |g| of the compressed leaves, read from the gradients as
+    # they came (NaN on a skipped step, whose ratio is NaN anyway), so that
+    # the zeroed copy below has one reader and fuses into it. Clipping
+    # scales g and max |g| alike, so this is also the clipped gradient's.
+    g_norm = _global_norm([grads[i] for i in range(len(grads))
+                           if flags[i] and not absent[i]], inv_scale)
+    if clip_norm is not None:
+      norm = gmax * _global_norm(present, inv_scale)
+      scale = jnp.where(finite, jnp.minimum(
+          1.0, clip_norm / jnp.maximum(norm, 1e-30)), 1.0)
     grads = [g if gone else jnp.where(finite, g, jnp.zeros((), g.dtype))
              for g, gone in zip(grads, absent)]
-    gmax = jnp.where(finite, gmax, 0.0)
     if clip_norm is not None:
-      inv = 1.0 / jnp.where(gmax > 0, gmax, 1.0)
-      norm = gmax * _global_norm(
-          [g for g, gone in zip(grads, absent) if not gone], inv)
-      scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
       grads = [g if gone else g * scale.astype(g.dtype)
                for g, gone in zip(grads, absent)]
       gmax = gmax * scale
-    inv_scale = 1.0 / jnp.where(gmax > 0, gmax, 1.0)
+      inv_scale = 1.0 / jnp.where(gmax > 0, gmax, 1.0)
     incoming = [g if gone else g * jnp.asarray(lr, g.dtype)
                 for g, gone in zip(grads, absent)]
 
@@ -669,7 +675,7 @@ def error_feedback(
         # one (after its in-place scatter: a sum over p before it would make
         # XLA:CPU copy p first), else from p and the few sent entries.
         unsent_sq.append(
-            jnp.sum(jnp.square(residual.astype(jnp.float32) * inv_scale))
+            numerics.scaled_sq_norm(residual, inv_scale)
             if residual is not None else _unsent_sq_norm(comp, p, c, inv_scale))
         # The step: the server estimate h <- h + mean_i c_i (EF21, EControl;
         # stored as is) or mean_i c_i with the output sign folded into the
@@ -733,12 +739,10 @@ def error_feedback(
     if aux_field:
       local_aux[aux_field] = unflat(new_aux)
 
-    # ||lr g||, as |lr| ||g||: reads the gradient itself (no dense lr * g is
-    # kept around just for this norm).
-    # Both norms of the vectors divided by max |g|, so the ratio is right for
-    # gradients of any scale.
-    in_norm = jnp.abs(jnp.asarray(lr, jnp.float32)) * _global_norm(
-        [grads[i] for i in idx], inv_scale)
+    # ||lr g||, as |lr| ||g|| (no dense lr * g is kept around just for this
+    # norm). Both norms of the vectors divided by max |g|, so the ratio is
+    # right for gradients of any scale.
+    in_norm = jnp.abs(jnp.asarray(lr, jnp.float32)) * g_norm
     ratio = jnp.sqrt(unsent_sq) / jnp.where(in_norm > 0, in_norm, 1.0)
     ratio = jnp.where(in_norm > 0, ratio, 0.0)
     ratio = jnp.where(finite, ratio, jnp.nan)
