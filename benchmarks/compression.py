@@ -60,23 +60,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.timing import RESULTS_DIR, Report, time_fn  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    RESULTS_DIR, Report, interleaved, time_fn)
 import sparse_jax.compression as C  # noqa: E402
-
-
-def interleaved(fns: dict, *, rounds: int, repeats: int) -> dict:
-  """time_fn over several rounds, alternating between the functions.
-
-  The machine is shared and noisy; alternating keeps a load spike from
-  landing on only one side of a ratio. Returns ``{name: {"min", "median"}}``
-  with the min over all rounds and the median of the per-round minima.
-  """
-  per_round = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      per_round[name].append(time_fn(fn, repeats=repeats)["min"])
-  return {name: {"min": min(v), "median": float(np.median(v)),
-                 "repeats": rounds * repeats} for name, v in per_round.items()}
 
 
 def selection_rows(report: Report, d: int, repeats: int) -> None:

@@ -60,6 +60,21 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10,
           "repeats": len(times)}
 
 
+def interleaved(fns: dict, *, rounds: int, repeats: int) -> dict:
+  """time_fn over several rounds, alternating between the functions.
+
+  The machine is shared and noisy; alternating keeps a load spike from
+  landing on only one side of a ratio. Returns ``{name: {"min", "median"}}``
+  with the min over all rounds and the median of the per-round minima.
+  """
+  per_round = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      per_round[name].append(time_fn(fn, repeats=repeats)["min"])
+  return {name: {"min": min(v), "median": statistics.median(v),
+                 "repeats": rounds * repeats} for name, v in per_round.items()}
+
+
 class Report:
   """Collects timings and ratios for one benchmark and writes them as JSON."""
 
