@@ -1,5 +1,7 @@
 """Exactness of the selection kernels (fast top-k, threshold compaction)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,10 +43,13 @@ def test_top_k_matches_brute_force(d, k):
   np.testing.assert_array_equal(TOP_K(x, k), brute_top_k(x, k))
 
 
-@pytest.mark.parametrize("d,k", [(200_000, 200), (100_003, 101),
-                                 (1_000_000, 1_000)])
-def test_sampled_fast_path_alone_is_exact_on_gaussian_data(d, k):
+@pytest.mark.parametrize("d,k,block", [
+    (200_000, 200, 16), (100_003, 101, 16), (1_000_000, 1_000, 16),
+    (200_000, 4_000, 2), (200_000, 8_000, 1)])   # 2% and 4%: small blocks
+def test_sampled_fast_path_alone_is_exact_on_gaussian_data(d, k, block):
   """The sampled branch (not the lax.top_k fallback) is used and exact."""
+  assert selection._block_size(
+      d, math.ceil(selection._BLOCK_CAPACITY * k)) == block
   x = jax.random.normal(jax.random.key(k), (d,))
   index, ok = jax.jit(selection._sampled_top_k, static_argnums=1)(x, k)
   assert bool(ok)
@@ -58,11 +63,12 @@ def test_fast_path_is_taken_for_large_sparse_problems():
   assert not selection._fast_path_ok(200_000, 20_000)    # dense: lax.top_k
 
 
+@pytest.mark.parametrize("k", [300, 8_000])   # blocks of 16 and of 1
 @pytest.mark.parametrize("case", ["ties", "zeros", "heavy_tail", "nan",
                                   "structured"])
-def test_top_k_exact_on_adversarial_inputs(case):
+def test_top_k_exact_on_adversarial_inputs(case, k):
   """Inputs that break the sampled threshold still give the exact answer."""
-  d, k = 200_000, 300
+  d = 200_000
   key = jax.random.key(1)
   if case == "ties":       # few distinct magnitudes: ties at the k-th value
     x = jax.random.randint(key, (d,), -3, 4).astype(jnp.float32)
