@@ -610,19 +610,18 @@ def error_feedback(
     finite = jnp.isfinite(gmax)
     gmax = jnp.where(finite, gmax, 0.0)
     inv_scale = 1.0 / jnp.where(gmax > 0, gmax, 1.0)
+    idx = [i for i, f in enumerate(flags) if f]   # never a MaskedNode
     # ||g|| / max |g| of the compressed leaves, read from the gradients as
     # they came (NaN on a skipped step, whose ratio is NaN anyway), so that
     # the zeroed copy below has one reader and fuses into it. Clipping
     # scales g and max |g| alike, so this is also the clipped gradient's.
-    g_norm = _global_norm([grads[i] for i in range(len(grads))
-                           if flags[i] and not absent[i]], inv_scale)
-    if clip_norm is not None:
+    g_norm = _global_norm([grads[i] for i in idx], inv_scale)
+    grads = [g if gone else jnp.where(finite, g, jnp.zeros((), g.dtype))
+             for g, gone in zip(grads, absent)]
+    if clip_norm is not None:   # the norm of the gradients as they came
       norm = gmax * _global_norm(present, inv_scale)
       scale = jnp.where(finite, jnp.minimum(
           1.0, clip_norm / jnp.maximum(norm, 1e-30)), 1.0)
-    grads = [g if gone else jnp.where(finite, g, jnp.zeros((), g.dtype))
-             for g, gone in zip(grads, absent)]
-    if clip_norm is not None:
       grads = [g if gone else g * scale.astype(g.dtype)
                for g, gone in zip(grads, absent)]
       gmax = gmax * scale
@@ -633,7 +632,6 @@ def error_feedback(
     memory = treedef.flatten_up_to(state.local.memory)
     server = treedef.flatten_up_to(state.server)
     dense_mom = treedef.flatten_up_to(state.dense_momentum)
-    idx = [i for i, f in enumerate(flags) if f]
 
     rule = _RULES[variant]
     aux_field = rule.aux
