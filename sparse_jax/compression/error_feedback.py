@@ -158,7 +158,7 @@ class _Rule(NamedTuple):
 
   ``send(g, memory, aux, opts) -> (p, aux)``: the tensor to compress (``g`` is
   ``lr`` times the gradient) and what ``keep`` needs of the second memory
-  (DGC's new momentum; EControl's ``h`` and its un-sent new error). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
+  (DGC's new momentum; EControl's ``h``). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
   residual)``: the memories after sending ``c = C(p)``, and ``p - c`` when
   the rule computes it (``None`` otherwise). ``server``: the step is the
   server estimate ``h <- h + mean_i c_i``. ``aux``: the ``WorkerLocal`` field
@@ -189,20 +189,18 @@ def _dgc_keep(comp, p, c, memory, u, opts):
 
 
 def _econtrol_send(g, e, h, opts):
-  # One fused pass makes both p = eta e + g - h and base = e + g - h (the
-  # new error before the sent part is taken off). On a skipped step h is
-  # multiplied by 0 (g is already 0 and nothing is sent): p = eta e, base = e,
-  # so both memories stay as they were without an extra pass.
+  # p = eta e + g - h, one pass over (e, g, h). On a skipped step h is
+  # multiplied by 0 (g is already 0 and nothing is sent): p = eta e, so the
+  # new error below is e again and both memories stay as they were.
   h_used = h * opts["finite"].astype(h.dtype)
-  base = e + g - h_used
-  p = base - jnp.asarray(1.0 - opts["eta"], e.dtype) * e
-  return p, (h, base)
+  return jnp.asarray(opts["eta"], e.dtype) * e + g - h_used, h
 
 
-def _econtrol_keep(comp, p, c, e, aux, opts):
-  del p, e, opts
-  h, base = aux
-  # e <- e + g - h - c (in place, in base's buffer); h <- h + c.
+def _econtrol_keep(comp, p, c, e, h, opts):
+  # e <- e + g - h - c = p + (1 - eta) e - c: one pass over (p, e), written
+  # where e was (its buffer is free then: no copy when the state is
+  # donated), the sent entries taken off in place; h <- h + c in place.
+  base = p + jnp.asarray(1.0 - opts["eta"], e.dtype) * e
   return comp.add_to(base, c, -1.0), comp.add_to(h, c), None
 
 
@@ -299,10 +297,8 @@ def _unsent_sq_norm(comp: Compressor, p: jax.Array, c, inv_scale) -> jax.Array:
   index = comp.flat_indices(c.indices, p.shape)
   at = p32.reshape(-1).at[index].get(mode="fill", fill_value=0)
   sent = jnp.sum(jnp.square(at) - jnp.square(at - values))
-  # (The where() keeps XLA:CPU from turning this reduction into a library
-  # call that makes it copy p before the in-place residual scatter; a
-  # non-finite entry makes the norm inf, as it should.)
-  total = jnp.sum(jnp.where(jnp.isfinite(p32), jnp.square(p32), jnp.inf))
+  # ||p||^2 read from p as it is (no scaled copy written first).
+  total = numerics.scaled_sq_norm(p, inv_scale)
   return jnp.maximum(total - sent, 0.0)
 
 
