@@ -685,10 +685,16 @@ def foovb(
     that keeps long streams plastic; the variance otherwise only shrinks).
 
   Cost: the diagonal update regenerates the K noise arrays (as many Gaussian
-  draws as ``foovb_sample``), which dominates it. ``"kron"`` and ``"full"``
+  draws as ``foovb_sample``), which dominates it; in one jitted train step
+  with ``foovb_sample`` XLA computes that noise once (the step costs the
+  same with or without the sampling). ``"kron"`` and ``"full"``
   take the new square-root factor from one SVD per factor and step
   (:func:`~sparse_jax.bayes.fixed_point.fixed_point_factor`: the paper's
-  covariance, a canonical factor). On CPU the SVD runs in LAPACK on scipy's
+  covariance, a canonical factor). Measured on a 2-core CPU, 64-200-200-10
+  MLP, K = 10: a Kronecker update takes ~23 ms, ~14 ms of it in the four
+  ~200 x 200 SVDs (~3.5 ms each) and most of the rest in the statistics
+  ``E_A, E_B`` (~0.8 GFLOP); an Adam update on the same params takes
+  ~0.12 ms (``python -m benchmarks.foovb``). On CPU the SVD runs in LAPACK on scipy's
   OpenBLAS, whose worker threads would compete with XLA's; building a
   ``"kron"``/``"full"`` transform therefore pins that library to one thread
   (unless ``OPENBLAS_NUM_THREADS`` is set; only on the CPU backend), so no
