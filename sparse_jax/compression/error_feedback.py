@@ -190,8 +190,7 @@ def _dgc_keep(comp, p, c, memory, u, opts):
 
 def _econtrol_send(g, e, h, opts):
   # p = eta e + g - h, one pass over (e, g, h). On a skipped step h is
-  # multiplied by 0 (g is already 0 and nothing is sent): p = eta e, so the
-  # new error below is e again and both memories stay as they were.
+  # multiplied by 0 (g is already 0 and nothing is sent): p = eta e.
   h_used = h * opts["finite"].astype(h.dtype)
   return jnp.asarray(opts["eta"], e.dtype) * e + g - h_used, h
 
@@ -199,8 +198,11 @@ def _econtrol_send(g, e, h, opts):
 def _econtrol_keep(comp, p, c, e, h, opts):
   # e <- e + g - h - c = p + (1 - eta) e - c: one pass over (p, e), written
   # where e was (its buffer is free then: no copy when the state is
-  # donated), the sent entries taken off in place; h <- h + c in place.
-  base = p + jnp.asarray(1.0 - opts["eta"], e.dtype) * e
+  # donated), the sent entries taken off in place; h <- h + c in place
+  # (c is 0 on a skipped step, where e is kept bit for bit: eta e + (1 -
+  # eta) e may round to a neighbour of e).
+  base = jnp.where(opts["finite"],
+                   p + jnp.asarray(1.0 - opts["eta"], e.dtype) * e, e)
   return comp.add_to(base, c, -1.0), comp.add_to(h, c), None
 
 
