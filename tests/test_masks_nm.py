@@ -44,6 +44,16 @@ def test_matches_sorting_reference_with_many_ties(n, m, axis):
   assert np.all(counts == n)
 
 
+@pytest.mark.parametrize("n,m", [(126, 127), (1, 127), (100, 128), (3, 256)])
+def test_large_groups_match_the_reference(n, m):
+  # Ranks go up to m - 1: int8 counts while they fit (m <= 127), int32 past.
+  rng = np.random.default_rng(m)
+  w = rng.normal(size=(2 * m, 3)).astype(np.float32)
+  w[: m // 2] = np.round(w[: m // 2])          # ties among many entries
+  np.testing.assert_array_equal(np.asarray(nm_mask(w, n, m, axis=0)),
+                                reference_nm_mask(w, n, m, 0))
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32,
                                    jnp.int32])
 def test_dtypes(dtype):

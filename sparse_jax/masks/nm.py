@@ -114,7 +114,10 @@ def _keep(w: jax.Array, n, m: int, axis: int) -> jax.Array:
   i = jnp.arange(m).reshape((1, m) + tail)
   # j ranks above i: larger |w|, or equal |w| and a lower index.
   above = (k_other > k_self) | ((k_other == k_self) & (j < i))
-  rank = jnp.sum(above, axis=g, dtype=jnp.int32)
+  # Ranks are < m: int8 when it holds them. XLA:CPU materialises the ranks
+  # (the mask and the projection both read them), and a quarter of the
+  # bytes made the 2:4 MLP train step ~2% faster (benchmarks/nm_train_step).
+  rank = jnp.sum(above, axis=g, dtype=jnp.int8 if m <= 127 else jnp.int32)
   return rank < n
 
 
