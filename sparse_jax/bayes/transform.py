@@ -694,11 +694,11 @@ def foovb(
   MLP, K = 10: a Kronecker update takes ~23 ms, ~14 ms of it in the four
   ~200 x 200 SVDs (~3.5 ms each) and most of the rest in the statistics
   ``E_A, E_B`` (~0.8 GFLOP); an Adam update on the same params takes
-  ~0.12 ms (``python -m benchmarks.foovb``). On CPU the SVD runs in LAPACK on scipy's
-  OpenBLAS, whose worker threads would compete with XLA's; building a
-  ``"kron"``/``"full"`` transform therefore pins that library to one thread
-  (unless ``OPENBLAS_NUM_THREADS`` is set; only on the CPU backend), so no
-  environment variable is needed. This also makes ``scipy.linalg`` calls in
+  ~0.12 ms (``python -m benchmarks.foovb``). On CPU the SVD runs in LAPACK
+  on scipy's OpenBLAS, whose worker threads would compete with XLA's;
+  building a ``"kron"``/``"full"`` transform therefore pins that library to
+  one thread (unless ``OPENBLAS_NUM_THREADS`` is set; only on the CPU
+  backend), so no environment variable is needed. This also makes ``scipy.linalg`` calls in
   the same process single-threaded; restore them with ``threadpoolctl``.
 
   Args:

@@ -158,9 +158,10 @@ class _Rule(NamedTuple):
 
   ``send(g, memory, aux, opts) -> (p, aux)``: the tensor to compress (``g`` is
   ``lr`` times the gradient) and what ``keep`` needs of the second memory
-  (DGC's new momentum; EControl's ``h``). ``keep(comp, p, c, memory, aux, opts) -> (memory, aux,
-  residual)``: the memories after sending ``c = C(p)``, and ``p - c`` when
-  the rule computes it (``None`` otherwise). ``server``: the step is the
+  (DGC's new momentum; EControl's ``h``). ``keep(comp, p, c, memory, aux,
+  opts) -> (memory, aux, residual)``: the memories after sending ``c =
+  C(p)``, and ``p - c`` when the rule computes it (``None`` otherwise).
+  ``server``: the step is the
   server estimate ``h <- h + mean_i c_i``. ``aux``: the ``WorkerLocal`` field
   of the second memory. ``hold``: the memories must be restored explicitly
   on a skipped step (a zero gradient still moves them).
@@ -299,8 +300,10 @@ def _unsent_sq_norm(comp: Compressor, p: jax.Array, c, inv_scale) -> jax.Array:
   index = comp.flat_indices(c.indices, p.shape)
   at = p32.reshape(-1).at[index].get(mode="fill", fill_value=0)
   sent = jnp.sum(jnp.square(at) - jnp.square(at - values))
-  # ||p||^2 read from p as it is (no scaled copy written first).
+  # ||p||^2 read from p as it is (no scaled copy written first); a
+  # non-finite entry makes the norm inf (NaN too), as it should.
   total = numerics.scaled_sq_norm(p, inv_scale)
+  total = jnp.where(jnp.isnan(total), jnp.inf, total)
   return jnp.maximum(total - sent, 0.0)
 
 
